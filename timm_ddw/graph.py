@@ -1,0 +1,238 @@
+"""The DDW graph stage: a stage's timm blocks wired as a DAG with per-sample edge weights.
+
+Nodes are the stage's blocks b_0..b_{n-1} plus an output node n. Node j >= 1 computes
+``x_j = b_j(sum_i a_ij * x_i)`` over its predecessors i; the output node only aggregates.
+How edges are weighted is a *wiring* (see :data:`WIRINGS`), so new wirings never touch models.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+from timm.models import checkpoint
+
+__all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'register_wiring', 'weighted_sum', 'gate_edges']
+
+GATES = ('ste', 'psi')
+EDGE_KINDS = ('router', 'learned', 'fixed')
+
+Graph = List[List[int]]  # preds[j] for j = 0..n (preds[0] is empty)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How a stage's edges exist and are weighted.
+
+    edges: 'router' (per-sample weights from each node's router), 'learned' (one learnable
+    weight per edge, shared by all samples) or 'fixed' (weight 1 on every edge of the graph).
+    graph: ``graph(num_nodes, seed)`` returns the predecessors of every node, in node order.
+    """
+    name: str
+    edges: str
+    graph: Callable[[int, int], Graph]
+
+
+def complete_graph(num_nodes: int, seed: int = 0) -> Graph:
+    return [list(range(j)) for j in range(num_nodes)]
+
+
+def chain_graph(num_nodes: int, seed: int = 0) -> Graph:
+    return [[j - 1] if j else [] for j in range(num_nodes)]
+
+
+WIRINGS: Dict[str, Wiring] = {}
+
+
+def register_wiring(name: str, edges: str, graph: Callable[[int, int], Graph]) -> Wiring:
+    """Make ``wiring=name`` available to every DDW model."""
+    if edges not in EDGE_KINDS:
+        raise ValueError(f"edges={edges!r} is not one of {EDGE_KINDS}")
+    if edges != 'fixed' and graph is not complete_graph:
+        raise ValueError('router and learned edge weights are only defined on the complete graph')
+    WIRINGS[name] = Wiring(name, edges, graph)
+    return WIRINGS[name]
+
+
+register_wiring('dynamic', 'router', complete_graph)
+register_wiring('static', 'learned', complete_graph)
+register_wiring('chain', 'fixed', chain_graph)
+
+
+def gate_edges(alpha: torch.Tensor, tau: torch.Tensor, gate: str, training: bool) -> torch.Tensor:
+    """Eq. 5: keep ``alpha`` where ``alpha >= tau``, else 0.
+
+    'ste' uses Eq. 5's value in both modes and the derivative of the paper's
+    ``psi = alpha * sigmoid(alpha - tau)`` in training, so open edges carry the same value in
+    train and eval and thresholds still learn. 'psi' is the paper's literal training rule.
+    """
+    hard = alpha * (alpha >= tau).to(alpha.dtype)
+    if not training:
+        return hard
+    psi = alpha * torch.sigmoid(alpha - tau)
+    if gate == 'psi':
+        return psi
+    return hard + (psi - psi.detach())
+
+
+@register_notrace_function
+def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs))."""
+    w = w.to(xs[0].dtype)
+    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
+    out = xs[0] * w[:, 0].reshape(shape)
+    for k in range(1, len(xs)):
+        out = torch.addcmul(out, xs[k], w[:, k].reshape(shape))
+    return out
+
+
+def _out_channels(block: nn.Module) -> int:
+    """Channels a timm block emits: its last normalisation layer's width."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if not norms:
+        raise ValueError(f'cannot infer the output channels of {type(block).__name__}: no norm layer')
+    return norms[-1].num_features
+
+
+def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int) -> None:
+    if not isinstance(wiring, str) or wiring not in WIRINGS:
+        raise ValueError(f"wiring={wiring!r} is not one of {sorted(WIRINGS)}")
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is not one of {GATES}")
+    if isinstance(router_bias, bool) or not isinstance(router_bias, (int, float)) or not math.isfinite(router_bias):
+        raise ValueError(f'router_bias={router_bias!r} must be a finite number (the paper uses +3)')
+    if isinstance(threshold_init, bool) or not isinstance(threshold_init, (int, float)) \
+            or not 0.0 <= threshold_init < 1.0:
+        raise ValueError(f'threshold_init={threshold_init!r} must be a number in [0, 1)')
+    if isinstance(wiring_seed, bool) or not isinstance(wiring_seed, int) or wiring_seed < 0:
+        raise ValueError(f'wiring_seed={wiring_seed!r} must be a non-negative int')
+
+
+class GraphStage(nn.Module):
+    """A stage of timm blocks wired as a DAG; the blocks keep their names and weights.
+
+    Parameters (for router/learned wirings) are packed per stage: ``router_weight`` (E x C,
+    dynamic only) and ``router_bias`` (E) hold every node's router, node i owning rows
+    ``offsets[i]:offsets[i+1]`` (its output edges, in target order); ``tau`` (n) holds the
+    threshold of each receiving node 1..n.
+    """
+
+    def __init__(
+            self,
+            blocks: nn.Module,
+            wiring: str = 'dynamic',
+            router_bias: float = 3.0,
+            threshold_init: float = 0.0,
+            gate: str = 'ste',
+            wiring_seed: int = 0,
+    ):
+        super().__init__()
+        _check_args(wiring, router_bias, threshold_init, gate, wiring_seed)
+        named = list(blocks.named_children())
+        if not named:
+            raise ValueError('a graph stage needs at least one block')
+        for name, block in named:
+            self.add_module(name, block)
+        n = len(named)
+        spec = WIRINGS[wiring]
+        self.wiring = wiring
+        self.edges = spec.edges
+        self.gate = gate
+        self.num_blocks = n
+        self.grad_checkpointing = False
+        self._capture: Optional[List[torch.Tensor]] = None
+
+        preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
+        self._check_graph(preds, n)
+        self.preds: List[List[int]] = preds
+        succs: List[List[int]] = [[j for j in range(n + 1) if i in preds[j]] for i in range(n + 1)]
+        # position of edge i->j inside node i's router output, per (j, k-th predecessor)
+        self.pos: List[List[int]] = [[succs[i].index(j) for i in preds[j]] for j in range(n + 1)]
+        self.offsets: List[int] = [0]
+        for i in range(n):
+            self.offsets.append(self.offsets[-1] + len(succs[i]))
+
+        if self.edges != 'fixed':
+            ref = next(named[0][1].parameters())
+            dd = dict(device=ref.device, dtype=ref.dtype)
+            num_edges = self.offsets[-1]
+            self.router_bias = nn.Parameter(torch.full((num_edges,), float(router_bias), **dd))
+            self.tau = nn.Parameter(torch.full((n,), float(threshold_init), **dd))
+            if self.edges == 'router':
+                chs = _out_channels(named[-1][1])
+                bound = 1.0 / math.sqrt(chs)
+                self.router_weight = nn.Parameter(torch.empty(num_edges, chs, **dd).uniform_(-bound, bound))
+
+    @staticmethod
+    def _check_graph(preds: Graph, n: int) -> None:
+        if len(preds) != n + 1 or preds[0]:
+            raise ValueError(f'a wiring graph must list predecessors for {n + 1} nodes, node 0 having none')
+        for j in range(1, n + 1):
+            if not preds[j] or any(not 0 <= i < j for i in preds[j]):
+                raise ValueError(f'node {j} needs predecessors among nodes 0..{j - 1}, got {preds[j]}')
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_blocks + 1
+
+    def extra_repr(self) -> str:
+        return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
+
+    def _edge_weights(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Gated weights (B x out-degree) of node i's output edges."""
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        bias = self.router_bias[lo:hi]
+        if self.edges == 'router':
+            z = F.linear(x.mean((2, 3)), self.router_weight[lo:hi], bias)
+        else:
+            z = bias.unsqueeze(0).expand(x.shape[0], hi - lo)
+        alpha = torch.sigmoid(z)
+        # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
+        return gate_edges(alpha, self.tau[i:], self.gate, self.training)
+
+    def _aggregate(self, feats: List[torch.Tensor], weights: List[torch.Tensor], j: int) -> torch.Tensor:
+        src = self.preds[j]
+        if self.edges == 'fixed':
+            out = feats[src[0]]
+            for i in src[1:]:
+                out = out + feats[i]
+            return out
+        pos = self.pos[j]
+        w = torch.stack([weights[i][:, pos[k]] for k, i in enumerate(src)], dim=1)
+        return weighted_sum([feats[i] for i in src], w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats: List[torch.Tensor] = []
+        weights: List[torch.Tensor] = []
+        for j, block in enumerate(self.children()):
+            inp = x if j == 0 else self._aggregate(feats, weights, j)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                out = checkpoint(block, inp)
+            else:
+                out = block(inp)
+            feats.append(out)
+            if self.edges != 'fixed':
+                weights.append(self._edge_weights(out, j))
+        if not torch.jit.is_scripting() and self._capture is not None:
+            self._record(weights, x.shape[0], feats[0])
+        return self._aggregate(feats, weights, self.num_blocks)
+
+    @torch.jit.unused
+    def _record(self, weights: List[torch.Tensor], batch: int, ref: torch.Tensor) -> None:
+        adj = self.adjacency(weights, batch, ref.device)
+        self._capture.append(adj)
+
+    @torch.jit.unused
+    def adjacency(self, weights: List[torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+        """B x N x N matrix with ``M[b, j, i] = a_ij`` (rows: a node's inputs)."""
+        n = self.num_blocks + 1
+        with torch.no_grad():
+            adj = torch.zeros(batch, n, n, device=device, dtype=torch.float32)
+            for j in range(1, n):
+                for k, i in enumerate(self.preds[j]):
+                    adj[:, j, i] = 1.0 if self.edges == 'fixed' else weights[i][:, self.pos[j][k]].float()
+        return adj

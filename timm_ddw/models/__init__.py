@@ -1,0 +1,3 @@
+from .efficientnet import *
+from .regnet import *
+from .resnet import *

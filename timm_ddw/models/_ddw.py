@@ -1,0 +1,103 @@
+"""What every DDW model shares: turning a timm twin into a DDW model, and its config."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Set, Type
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, get_pretrained_cfg
+
+from ..graph import GraphStage, _check_args
+
+__all__ = ['DDW_DEFAULTS', 'DdwMixin', 'create_ddw', 'twin_cfg']
+
+# constructor arguments of the graph stages; every DDW model accepts them
+DDW_DEFAULTS: Dict[str, Any] = dict(
+    wiring='dynamic', router_bias=3.0, threshold_init=0.0, gate='ste', wiring_seed=0)
+
+_DATA_KEYS = (
+    'num_classes', 'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'pool_size',
+    'crop_pct', 'test_crop_pct', 'crop_mode', 'interpolation', 'mean', 'std', 'first_conv', 'classifier',
+    'license')
+
+
+def twin_cfg(twin: str, **overrides: Any) -> Dict[str, Any]:
+    """A DDW model's pretrained_cfg: its timm twin's data config, without the twin's weights."""
+    cfg = get_pretrained_cfg(twin).to_dict()
+    out = {k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None}
+    out.update(overrides)
+    return out
+
+
+class DdwMixin:
+    """Overrides of timm's model API that must see through graph stages.
+
+    A DDW model is its timm twin's own class with these overrides mixed in; ``stage_prefix``
+    is a regex matching a stage's module name (its group gives the stage index).
+    """
+    stage_prefix: str = ''
+
+    @classmethod
+    def stage_names(cls, model: nn.Module) -> List[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_twin(cls, model: nn.Module, **ddw_args: Any) -> nn.Module:
+        """Wrap each stage of a timm model in a graph stage holding the same block modules."""
+        if type(model) not in cls.__mro__:
+            raise TypeError(f'{cls.__name__} wraps {cls.__mro__[2].__name__}, got {type(model).__name__}')
+        for name in cls.stage_names(model):
+            parent_name, _, attr = name.rpartition('.')
+            parent = model.get_submodule(parent_name)
+            stage = GraphStage(getattr(parent, attr), **ddw_args)
+            if isinstance(parent, nn.Sequential):
+                parent[int(attr)] = stage
+            else:
+                setattr(parent, attr, stage)
+        model.__class__ = cls
+        return model
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # checkpoint block by block inside the graph stages; the twin's own flag would run
+        # timm's checkpoint_seq over the stages as if they were plain sequences
+        self.grad_checkpointing = False
+        for m in self.modules():
+            if isinstance(m, GraphStage):
+                m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        matcher = dict(super().group_matcher(coarse))
+        if not coarse:
+            blocks = matcher['blocks']
+            blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
+            # routers and thresholds group with their stage, after its blocks
+            matcher['blocks'] = [(self.stage_prefix + r'\.(?:router_weight|router_bias|tau)$', (99999,))] + blocks
+        return matcher
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        base = super().no_weight_decay() if hasattr(super(), 'no_weight_decay') else set()
+        routing = ('router_weight', 'router_bias', 'tau')
+        return set(base) | {n for n, _ in self.named_parameters() if n.rpartition('.')[2] in routing}
+
+
+def create_ddw(
+        cls: Type[DdwMixin],
+        variant: str,
+        twin: str,
+        pretrained: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """Build timm's ``twin`` with timm's own builder, wire its stages, then let
+    ``build_model_with_cfg`` handle pretrained weights and ``features_only`` as for any timm model."""
+    ddw_args = {k: kwargs.pop(k, v) for k, v in DDW_DEFAULTS.items()}
+    _check_args(**ddw_args)
+
+    def build(**model_kwargs: Any) -> nn.Module:
+        return cls.from_twin(timm.create_model(twin, pretrained=False, **model_kwargs), **ddw_args)
+
+    return build_model_with_cfg(
+        build, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
