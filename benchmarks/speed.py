@@ -1,0 +1,304 @@
+"""Training-step and inference throughput and peak memory: DDW model vs its timm twin, side by side.
+
+Three variants run interleaved in one process, several alternating rounds (the order rotates every
+round), so machine noise hits all of them alike:
+  static    timm's twin (e.g. resnet50)
+  ddw       the DDW model with the library's ``timm_ddw.graph.weighted_sum``
+  ddw-loop  the same DDW model with a plain per-edge loop swapped in for the weighted sums
+            (``timm_ddw.graph.weighted_sum_loop`` if the library has one, else ``loop_weighted_sum``
+            below: one multiply and one add per edge), the reference point for the aggregation cost.
+Ratios are DDW/static: the median over rounds of each round's ratio, with min and max.
+
+Peak memory of one training step (and of one inference batch):
+  cuda: ``torch.cuda.max_memory_allocated`` (tensors; allocator cache excluded), in process;
+  cpu:  torch has no CPU allocator statistics, so each figure comes from a fresh subprocess that
+        builds the model, runs one warm-up step, resets the kernel's peak-RSS counter
+        (``/proc/self/clear_refs`` <- 5) and reads ``VmHWM`` after one more step. glibc is told to
+        serve every allocation over 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed tensors
+        leave RSS at once and the peak is the tensors' peak. The figure is VmHWM minus the RSS after
+        imports: weights, gradients, optimizer state, activations.
+
+    python benchmarks/speed.py --model ddw_resnet50 --batch-size 32 --rounds 5
+    python benchmarks/speed.py --device cuda --batch-size 128 --amp-dtype bfloat16 --channels-last [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_ddw
+import timm_ddw.graph as graph
+from timm_ddw.models import efficientnet, regnet, resnet
+
+HERE = Path(__file__).resolve().parent
+TWINS: Dict[str, str] = {**resnet._TWINS, **efficientnet._TWINS, **regnet._TWINS}
+VARIANTS = ('static', 'ddw', 'ddw-loop')
+MODES = ('train', 'infer')
+AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def loop_weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Reference weighted sum: ``out = x0 * w0; out = out + xi * wi ...`` (one multiply, one add per edge)."""
+    w = w.to(xs[0].dtype)
+    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
+    out = xs[0] * w[:, 0].reshape(shape)
+    for k in range(1, len(xs)):
+        out = out + xs[k] * w[:, k].reshape(shape)
+    return out
+
+
+LIBRARY_WEIGHTED_SUM = graph.weighted_sum
+REFERENCE_WEIGHTED_SUM: Callable = getattr(graph, 'weighted_sum_loop', loop_weighted_sum)
+
+
+@contextlib.contextmanager
+def weighted_sum_of(variant: str):
+    """Swap the reference loop into the graph stages for 'ddw-loop' (looked up at call time)."""
+    graph.weighted_sum = REFERENCE_WEIGHTED_SUM if variant == 'ddw-loop' else LIBRARY_WEIGHTED_SUM
+    try:
+        yield
+    finally:
+        graph.weighted_sum = LIBRARY_WEIGHTED_SUM
+
+
+class Bench:
+    """One model (static twin or DDW) with its optimizer, inputs and step functions."""
+
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+        torch.manual_seed(0)
+        self.model = timm.create_model(name, num_classes=1000).to(device)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=fmt)
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(memory_format=fmt)
+        self.y = torch.randint(0, 1000, (args.batch_size,), device=device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.amp = AMP_DTYPES[args.amp_dtype]
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp is torch.float16 else None
+        self.fn: nn.Module = self.model
+        if args.compile:
+            self.fn = torch.compile(self.model, fullgraph=True, backend=args.compile_backend)
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.fn(self.x), self.y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+
+    def infer_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode(), self.autocast():
+            self.fn(self.x)
+
+    def step(self, mode: str) -> None:
+        self.train_step() if mode == 'train' else self.infer_step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def throughput(bench: Bench, mode: str, variant: str, steps: int, warmup: int) -> float:
+    with weighted_sum_of(variant):
+        for _ in range(warmup):
+            bench.step(mode)
+        _sync(bench.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            bench.step(mode)
+        _sync(bench.device)
+        dt = time.perf_counter() - t0
+    return steps * bench.x.shape[0] / dt
+
+
+def cuda_peak_mb(bench: Bench, mode: str, variant: str) -> float:
+    with weighted_sum_of(variant):
+        bench.step(mode)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        bench.step(mode)
+        torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(key + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'{key} not in /proc/self/status')
+
+
+def cpu_peak_child(args: argparse.Namespace) -> Dict[str, float]:
+    """Runs in a fresh process: peak RSS of one step above the RSS after imports (see module doc)."""
+    variant, mode = args.memory_child
+    base_kb = _proc_status_kb('VmRSS')
+    name = TWINS[args.model] if variant == 'static' else args.model
+    bench = Bench(name, args, torch.device('cpu'))
+    with weighted_sum_of(variant):
+        bench.step(mode)
+        Path('/proc/self/clear_refs').write_text('5')
+        before_kb = _proc_status_kb('VmRSS')
+        bench.step(mode)
+        peak_kb = _proc_status_kb('VmHWM')
+    return dict(peak_mb=(peak_kb - base_kb) / 1024, step_mb=(peak_kb - before_kb) / 1024,
+                rss_after_imports_mb=base_kb / 1024, vmhwm_mb=peak_kb / 1024)
+
+
+def cpu_peak_mb(args: argparse.Namespace, mode: str, variant: str) -> Dict[str, float]:
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', variant, mode] + args.argv
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f'memory subprocess failed ({" ".join(cmd)}):\n{res.stderr[-2000:]}')
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _stats(values: List[float]) -> Dict[str, float]:
+    return dict(median=statistics.median(values), min=min(values), max=max(values), values=values)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--model', default='ddw_resnet50', choices=list(TWINS))
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--amp-dtype', default='none', choices=list(AMP_DTYPES))
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile(model, fullgraph=True)')
+    p.add_argument('--compile-backend', default='inductor')
+    p.add_argument('--rounds', type=int, default=5, help='alternating rounds (median and spread over them)')
+    p.add_argument('--steps', type=int, default=5, help='timed steps per variant and round')
+    p.add_argument('--warmup', type=int, default=1, help='untimed steps before each timing (3x in round 1)')
+    p.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (cuda when present)")
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    p.add_argument('--no-reference', action='store_true', help='skip the ddw-loop reference variant')
+    p.add_argument('--no-memory', action='store_true')
+    p.add_argument('--json', default=None, help='default: benchmarks/results/speed_<device>_<model>_....json')
+    p.add_argument('--memory-child', nargs=2, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key in ('batch_size', 'img_size', 'rounds', 'steps'):
+        if getattr(args, key) <= 0:
+            p.error(f'--{key.replace("_", "-")}={getattr(args, key)} must be positive')
+    if args.device not in ('auto', 'cpu', 'cuda'):
+        p.error(f"--device={args.device!r} is not one of 'auto', 'cpu', 'cuda'")
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error('--device=cuda but torch.cuda.is_available() is False')
+    # everything but the memory-child flag, to hand to the memory subprocesses
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if '--memory-child' in raw:
+        i = raw.index('--memory-child')
+        del raw[i:i + 3]
+    args.argv = raw
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(cpu_peak_child(args)))
+        return 0
+    device = torch.device('cuda' if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
+                          else 'cpu')
+    variants = [v for v in VARIANTS if not (args.no_reference and v == 'ddw-loop')]
+    twin = TWINS[args.model]
+    benches = {'static': Bench(twin, args, device), 'ddw': Bench(args.model, args, device)}
+    benches['ddw-loop'] = benches['ddw']  # same model and weights, other weighted_sum
+    ref_name = getattr(REFERENCE_WEIGHTED_SUM, '__module__', '') + '.' + REFERENCE_WEIGHTED_SUM.__name__
+    print(f'{args.model} vs {twin} on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
+          f'{args.img_size}px, amp={args.amp_dtype}, channels_last={args.channels_last}, compile={args.compile}; '
+          f'reference: {ref_name}', flush=True)
+
+    tput = {m: {v: [] for v in variants} for m in args.modes}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for mode in args.modes:
+            for v in order:
+                warm = args.warmup * (3 if r == 0 else 1)
+                tput[mode][v].append(throughput(benches[v], mode, v, args.steps, warm))
+        print(f'round {r + 1}/{args.rounds}: ' + ', '.join(
+            f'{m} {v} {tput[m][v][-1]:.1f}' for m in args.modes for v in variants) + ' img/s', flush=True)
+
+    memory: Dict[str, Dict[str, Dict[str, float]]] = {}
+    if not args.no_memory:
+        for mode in args.modes:
+            memory[mode] = {}
+            for v in variants:
+                if device.type == 'cuda':
+                    memory[mode][v] = dict(peak_mb=cuda_peak_mb(benches[v], mode, v))
+                else:
+                    memory[mode][v] = cpu_peak_mb(args, mode, v)
+
+    results = dict(
+        model=args.model, twin=twin, device=str(device), device_name=torch.cuda.get_device_name(device)
+        if device.type == 'cuda' else platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
+        timm_ddw=getattr(timm_ddw, '__version__', None), reference=ref_name,
+        date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+        args={k: v for k, v in vars(args).items() if k not in ('argv', 'memory_child')},
+        memory_method='cuda.max_memory_allocated' if device.type == 'cuda'
+        else 'fresh subprocess, VmHWM after clear_refs, minus RSS after imports, MALLOC_MMAP_THRESHOLD_=65536',
+        throughput={}, ratios={}, memory=memory, memory_ratios={})
+    print()
+    print(f'{"mode":6} {"variant":9} {"img/s median":>13} {"min-max":>15} {"ratio/static":>13} {"ratio min-max":>14}'
+          f' {"peak MB":>9} {"mem ratio":>9}')
+    for mode in args.modes:
+        results['throughput'][mode] = {v: _stats(tput[mode][v]) for v in variants}
+        results['ratios'][mode] = {}
+        results['memory_ratios'][mode] = {}
+        for v in variants:
+            s = results['throughput'][mode][v]
+            ratio = _stats([a / b for a, b in zip(tput[mode][v], tput[mode]['static'], strict=True)])
+            results['ratios'][mode][v] = ratio
+            mem = memory.get(mode, {}).get(v, {}).get('peak_mb')
+            mem_ratio = None if mem is None else mem / memory[mode]['static']['peak_mb']
+            results['memory_ratios'][mode][v] = mem_ratio
+            print(f'{mode:6} {v:9} {s["median"]:13.1f} {s["min"]:7.1f}-{s["max"]:<7.1f} {ratio["median"]:13.3f} '
+                  f'{ratio["min"]:6.3f}-{ratio["max"]:<7.3f} {"-" if mem is None else f"{mem:9.0f}":>9} '
+                  f'{"-" if mem_ratio is None else f"{mem_ratio:9.3f}":>9}')
+    print(f'\nratio = DDW img/s / static img/s, per round (median, min-max over {args.rounds} rounds); '
+          f'peak MB: {results["memory_method"]}')
+
+    if args.json is None:
+        tag = f'speed_{device.type}_{args.model}_b{args.batch_size}_{args.img_size}'
+        tag += ''.join([f'_{args.amp_dtype}' if args.amp_dtype != 'none' else '',
+                        '_cl' if args.channels_last else '', '_compile' if args.compile else ''])
+        args.json = str(HERE / 'results' / f'{tag}.json')
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f'wrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
