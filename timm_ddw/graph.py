@@ -4,7 +4,6 @@ Nodes are the stage's blocks b_0..b_{n-1} plus an output node n. Node j >= 1 com
 ``x_j = b_j(sum_i a_ij * x_i)`` over its predecessors i; the output node only aggregates.
 How edges are weighted is a *wiring* (see :data:`WIRINGS`), so new wirings never touch models.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass
@@ -120,6 +119,9 @@ class GraphStage(nn.Module):
     ``offsets[i]:offsets[i+1]`` (its output edges, in target order); ``tau`` (n) holds the
     threshold of each receiving node 1..n.
     """
+    preds: List[List[int]]
+    pos: List[List[int]]
+    offsets: List[int]
 
     def __init__(
             self,
@@ -156,6 +158,10 @@ class GraphStage(nn.Module):
         for i in range(n):
             self.offsets.append(self.offsets[-1] + len(succs[i]))
 
+        # absent parameters are registered as None so that TorchScript prunes their branches
+        self.register_parameter('router_weight', None)
+        self.register_parameter('router_bias', None)
+        self.register_parameter('tau', None)
         if self.edges != 'fixed':
             ref = next(named[0][1].parameters())
             dd = dict(device=ref.device, dtype=ref.dtype)
@@ -175,24 +181,21 @@ class GraphStage(nn.Module):
             if not preds[j] or any(not 0 <= i < j for i in preds[j]):
                 raise ValueError(f'node {j} needs predecessors among nodes 0..{j - 1}, got {preds[j]}')
 
-    @property
-    def num_nodes(self) -> int:
-        return self.num_blocks + 1
-
     def extra_repr(self) -> str:
         return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
 
     def _edge_weights(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Gated weights (B x out-degree) of node i's output edges."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        bias = self.router_bias[lo:hi]
-        if self.edges == 'router':
-            z = F.linear(x.mean((2, 3)), self.router_weight[lo:hi], bias)
+        bias, tau, weight = self.router_bias, self.tau, self.router_weight
+        assert bias is not None and tau is not None
+        if weight is not None:
+            z = F.linear(x.mean((2, 3)), weight[lo:hi], bias[lo:hi])
         else:
-            z = bias.unsqueeze(0).expand(x.shape[0], hi - lo)
+            z = bias[lo:hi].unsqueeze(0).expand(x.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
-        return gate_edges(alpha, self.tau[i:], self.gate, self.training)
+        return gate_edges(alpha, tau[i:], self.gate, self.training)
 
     def _aggregate(self, feats: List[torch.Tensor], weights: List[torch.Tensor], j: int) -> torch.Tensor:
         src = self.preds[j]
@@ -215,7 +218,7 @@ class GraphStage(nn.Module):
             else:
                 out = block(inp)
             feats.append(out)
-            if self.edges != 'fixed':
+            if self.router_bias is not None:
                 weights.append(self._edge_weights(out, j))
         if not torch.jit.is_scripting() and self._capture is not None:
             self._record(weights, x.shape[0], feats[0])
