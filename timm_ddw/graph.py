@@ -75,7 +75,7 @@ def gate_edges(alpha: torch.Tensor, tau: torch.Tensor, gate: str, training: bool
     psi = alpha * torch.sigmoid(alpha - tau)
     if gate == 'psi':
         return psi
-    return hard + (psi - psi.detach())
+    return hard.detach() + (psi - psi.detach())
 
 
 @register_notrace_function
@@ -90,11 +90,12 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
 
 
 def _out_channels(block: nn.Module) -> int:
-    """Channels a timm block emits: its last normalisation layer's width."""
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    if not norms:
-        raise ValueError(f'cannot infer the output channels of {type(block).__name__}: no norm layer')
-    return norms[-1].num_features
+    """Channels a timm block emits: the width of its last normalisation layer."""
+    widths = [m.num_features if isinstance(m, nn.modules.batchnorm._NormBase) else m.num_channels
+              for m in block.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))]
+    if not widths:
+        raise ValueError(f'cannot infer the output channels of {type(block).__name__}: pass channels=')
+    return widths[-1]
 
 
 def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int) -> None:
@@ -131,6 +132,7 @@ class GraphStage(nn.Module):
             threshold_init: float = 0.0,
             gate: str = 'ste',
             wiring_seed: int = 0,
+            channels: Optional[int] = None,
     ):
         super().__init__()
         _check_args(wiring, router_bias, threshold_init, gate, wiring_seed)
@@ -169,7 +171,7 @@ class GraphStage(nn.Module):
             self.router_bias = nn.Parameter(torch.full((num_edges,), float(router_bias), **dd))
             self.tau = nn.Parameter(torch.full((n,), float(threshold_init), **dd))
             if self.edges == 'router':
-                chs = _out_channels(named[-1][1])
+                chs = channels or _out_channels(named[-1][1])
                 bound = 1.0 / math.sqrt(chs)
                 self.router_weight = nn.Parameter(torch.empty(num_edges, chs, **dd).uniform_(-bound, bound))
 
