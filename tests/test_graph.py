@@ -38,16 +38,19 @@ def node_outputs(stage, x):
 
 
 def reference_adjacency(stage, outs):
-    """Eq. 4 and Eq. 5 recomputed from the documented parameter layout."""
+    """Eq. 4 and Eq. 5 recomputed from the documented parameter layout, with node removal:
+    a node whose input edges are all closed is removed and its output edges close."""
     n = stage.num_blocks
     B = outs[0].shape[0]
     adj = torch.zeros(B, n + 1, n + 1)
     for i in range(n):
+        live = torch.ones(B, dtype=torch.bool) if i == 0 else adj[:, i, :i].ne(0).any(1)
         for j in range(i + 1, n + 1):
             row = stage.offsets[i] + (j - i - 1)
             z = outs[i].mean((2, 3)) @ stage.router_weight[row] + stage.router_bias[row]
             alpha = torch.sigmoid(z)
-            adj[:, j, i] = torch.where(alpha >= stage.tau[j - 1], alpha, torch.zeros_like(alpha))
+            open_ = (alpha >= stage.tau[j - 1]) & live
+            adj[:, j, i] = torch.where(open_, alpha, torch.zeros_like(alpha))
     return adj
 
 
@@ -218,3 +221,28 @@ def test_register_wiring_rejects_bad_graphs():
             make_stage(n=4, wiring='_test_skip')
     finally:
         del timm_ddw.WIRINGS['_test_skip']
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+def test_skip_closed_nodes_gives_identical_outputs(batch):
+    torch.manual_seed(1)
+    model = timm.create_model('ddw_regnetx_600m', router_bias=0.0, threshold_init=0.5).eval()
+    with torch.no_grad():
+        model.s3.tau[1] = 1.0  # node 2 of s3 receives nothing: removed for every sample
+    ran = []
+    model.s3.b3.register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad(), timm_ddw.capture_routing(model) as dense:
+        ref = model(x)
+    assert ran and dense['s3'][0][:, 2].abs().sum() == 0 and dense['s3'][0][:, :, 2].abs().sum() == 0
+    ran.clear()
+    timm_ddw.set_skip_closed(model)
+    with torch.no_grad(), timm_ddw.capture_routing(model) as skipped:
+        out = model(x)
+    assert not ran, 'the removed node is skipped'
+    assert torch.equal(out, ref)
+    for name in dense:
+        assert torch.equal(dense[name][0], skipped[name][0])
+    model.train()
+    model(x)
+    assert ran, 'training never skips'

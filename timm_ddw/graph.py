@@ -7,7 +7,7 @@ How edges are weighted is a *wiring* (see :data:`WIRINGS`), so new wirings never
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -148,6 +148,7 @@ class GraphStage(nn.Module):
         self.gate = gate
         self.num_blocks = n
         self.grad_checkpointing = False
+        self.skip_closed = False
         self._capture: Optional[List[torch.Tensor]] = None
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
@@ -199,32 +200,68 @@ class GraphStage(nn.Module):
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
         return gate_edges(alpha, tau[i:], self.gate, self.training)
 
-    def _aggregate(self, feats: List[torch.Tensor], weights: List[torch.Tensor], j: int) -> torch.Tensor:
-        src = self.preds[j]
-        if self.edges == 'fixed':
-            out = feats[src[0]]
-            for i in src[1:]:
-                out = out + feats[i]
-            return out
+    def _in_edges(self, weights: List[torch.Tensor], j: int) -> torch.Tensor:
+        """Weights (B x in-degree) of node j's input edges, in ``preds[j]`` order."""
         pos = self.pos[j]
-        w = torch.stack([weights[i][:, pos[k]] for k, i in enumerate(src)], dim=1)
-        return weighted_sum([feats[i] for i in src], w)
+        return torch.stack([weights[i][:, pos[k]] for k, i in enumerate(self.preds[j])], dim=1)
+
+    @torch.jit.unused
+    def _open_sources(self, w: torch.Tensor, j: int) -> Tuple[List[int], torch.Tensor]:
+        """Drop the input edges closed for the whole batch (skip mode only)."""
+        keep = w.ne(0).any(0).nonzero().flatten().tolist()
+        return [self.preds[j][k] for k in keep], w[:, keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
+        routed = self.router_bias is not None
         feats: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
+        live = torch.ones(0)
         for j, block in enumerate(self.children()):
-            inp = x if j == 0 else self._aggregate(feats, weights, j)
+            if j == 0:
+                inp = x
+            elif not routed:
+                src = self.preds[j]
+                inp = feats[src[0]]
+                for i in src[1:]:
+                    inp = inp + feats[i]
+            else:
+                src = self.preds[j]
+                w = self._in_edges(weights, j)
+                live = w.ne(0).any(1)  # node j is removed for samples whose input edges are all closed
+                if skip:
+                    src, w = self._open_sources(w, j)
+                    if not src:  # removed for the whole batch: skip the block
+                        feats.append(feats[0])
+                        weights.append(w.new_zeros(w.shape[0], self.offsets[j + 1] - self.offsets[j]))
+                        continue
+                inp = weighted_sum([feats[i] for i in src], w)
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 out = checkpoint(block, inp)
             else:
                 out = block(inp)
             feats.append(out)
-            if self.router_bias is not None:
-                weights.append(self._edge_weights(out, j))
+            if routed:
+                w_out = self._edge_weights(out, j)
+                if j > 0:
+                    w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
+                weights.append(w_out)
         if not torch.jit.is_scripting() and self._capture is not None:
             self._record(weights, x.shape[0], feats[0])
-        return self._aggregate(feats, weights, self.num_blocks)
+
+        n = self.num_blocks
+        src = self.preds[n]
+        if not routed:
+            y = feats[src[0]]
+            for i in src[1:]:
+                y = y + feats[i]
+            return y
+        w = self._in_edges(weights, n)
+        if skip:
+            src, w = self._open_sources(w, n)
+            if not src:
+                return torch.zeros_like(feats[0])
+        return weighted_sum([feats[i] for i in src], w)
 
     @torch.jit.unused
     def _record(self, weights: List[torch.Tensor], batch: int, ref: torch.Tensor) -> None:
