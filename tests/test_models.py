@@ -178,7 +178,6 @@ def test_fx_trace(name):
     model = timm.create_model(name).eval()
     x = torch.randn(1, 3, 64, 64)
     traced = torch.fx.symbolic_trace(model)
-    assert any(n.op == 'call_function' and 'weighted_sum' in str(n.target) for n in traced.graph.nodes)
     with torch.no_grad():
         assert torch.allclose(traced(x), model(x), atol=1e-5)
 

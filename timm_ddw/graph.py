@@ -218,34 +218,36 @@ class GraphStage(nn.Module):
         weights: List[torch.Tensor] = []
         live = torch.ones(0)
         for j, block in enumerate(self.children()):
-            if j == 0:
-                inp = x
-            elif not routed:
+            inp = x
+            removed = False
+            if j > 0 and not routed:
                 src = self.preds[j]
                 inp = feats[src[0]]
                 for i in src[1:]:
                     inp = inp + feats[i]
-            else:
+            elif j > 0:
                 src = self.preds[j]
                 w = self._in_edges(weights, j)
                 live = w.ne(0).any(1)  # node j is removed for samples whose input edges are all closed
                 if skip:
                     src, w = self._open_sources(w, j)
-                    if not src:  # removed for the whole batch: skip the block
-                        feats.append(feats[0])
-                        weights.append(w.new_zeros(w.shape[0], self.offsets[j + 1] - self.offsets[j]))
-                        continue
-                inp = weighted_sum([feats[i] for i in src], w)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                out = checkpoint(block, inp)
+                    removed = len(src) == 0
+                if not removed:
+                    inp = weighted_sum([feats[i] for i in src], w)
+            if removed:  # for the whole batch: skip the block, close its output edges
+                feats.append(feats[0])
+                weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
             else:
-                out = block(inp)
-            feats.append(out)
-            if routed:
-                w_out = self._edge_weights(out, j)
-                if j > 0:
-                    w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
-                weights.append(w_out)
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    out = checkpoint(block, inp)
+                else:
+                    out = block(inp)
+                feats.append(out)
+                if routed:
+                    w_out = self._edge_weights(out, j)
+                    if j > 0:
+                        w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
+                    weights.append(w_out)
         if not torch.jit.is_scripting() and self._capture is not None:
             self._record(weights, x.shape[0], feats[0])
 
