@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .graph import GraphStage
 
-__all__ = ['capture_routing', 'graph_stages']
+__all__ = ['capture_routing', 'graph_stages', 'set_skip_closed']
 
 
 def graph_stages(model: nn.Module) -> Dict[str, GraphStage]:
@@ -36,3 +36,18 @@ def capture_routing(model: nn.Module) -> Iterator[Dict[str, List[torch.Tensor]]]
     finally:
         for stage in stages.values():
             stage._capture = None
+
+
+def set_skip_closed(model: nn.Module, enable: bool = True) -> nn.Module:
+    """In eval mode, skip the blocks of nodes removed for the whole batch (per sample at batch 1).
+
+    A node is removed for a sample when all its input edges are closed; its output edges are
+    then closed too, so skipping its block leaves the outputs exactly as the dense forward.
+    Skipping needs data-dependent control flow: leave it off for torch.compile and export.
+    """
+    stages = graph_stages(model)
+    if not stages:
+        raise ValueError(f'{type(model).__name__} has no DDW graph stages')
+    for stage in stages.values():
+        stage.skip_closed = enable
+    return model

@@ -4,11 +4,10 @@ Nodes are the stage's blocks b_0..b_{n-1} plus an output node n. Node j >= 1 com
 ``x_j = b_j(sum_i a_ij * x_i)`` over its predecessors i; the output node only aggregates.
 How edges are weighted is a *wiring* (see :data:`WIRINGS`), so new wirings never touch models.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -76,7 +75,7 @@ def gate_edges(alpha: torch.Tensor, tau: torch.Tensor, gate: str, training: bool
     psi = alpha * torch.sigmoid(alpha - tau)
     if gate == 'psi':
         return psi
-    return hard + (psi - psi.detach())
+    return hard.detach() + (psi - psi.detach())
 
 
 @register_notrace_function
@@ -91,11 +90,12 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
 
 
 def _out_channels(block: nn.Module) -> int:
-    """Channels a timm block emits: its last normalisation layer's width."""
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    if not norms:
-        raise ValueError(f'cannot infer the output channels of {type(block).__name__}: no norm layer')
-    return norms[-1].num_features
+    """Channels a timm block emits: the width of its last normalisation layer."""
+    widths = [m.num_features if isinstance(m, nn.modules.batchnorm._NormBase) else m.num_channels
+              for m in block.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))]
+    if not widths:
+        raise ValueError(f'cannot infer the output channels of {type(block).__name__}: pass channels=')
+    return widths[-1]
 
 
 def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int) -> None:
@@ -120,6 +120,9 @@ class GraphStage(nn.Module):
     ``offsets[i]:offsets[i+1]`` (its output edges, in target order); ``tau`` (n) holds the
     threshold of each receiving node 1..n.
     """
+    preds: List[List[int]]
+    pos: List[List[int]]
+    offsets: List[int]
 
     def __init__(
             self,
@@ -129,6 +132,7 @@ class GraphStage(nn.Module):
             threshold_init: float = 0.0,
             gate: str = 'ste',
             wiring_seed: int = 0,
+            channels: Optional[int] = None,
     ):
         super().__init__()
         _check_args(wiring, router_bias, threshold_init, gate, wiring_seed)
@@ -144,6 +148,7 @@ class GraphStage(nn.Module):
         self.gate = gate
         self.num_blocks = n
         self.grad_checkpointing = False
+        self.skip_closed = False
         self._capture: Optional[List[torch.Tensor]] = None
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
@@ -156,6 +161,10 @@ class GraphStage(nn.Module):
         for i in range(n):
             self.offsets.append(self.offsets[-1] + len(succs[i]))
 
+        # absent parameters are registered as None so that TorchScript prunes their branches
+        self.register_parameter('router_weight', None)
+        self.register_parameter('router_bias', None)
+        self.register_parameter('tau', None)
         if self.edges != 'fixed':
             ref = next(named[0][1].parameters())
             dd = dict(device=ref.device, dtype=ref.dtype)
@@ -163,7 +172,7 @@ class GraphStage(nn.Module):
             self.router_bias = nn.Parameter(torch.full((num_edges,), float(router_bias), **dd))
             self.tau = nn.Parameter(torch.full((n,), float(threshold_init), **dd))
             if self.edges == 'router':
-                chs = _out_channels(named[-1][1])
+                chs = channels or _out_channels(named[-1][1])
                 bound = 1.0 / math.sqrt(chs)
                 self.router_weight = nn.Parameter(torch.empty(num_edges, chs, **dd).uniform_(-bound, bound))
 
@@ -175,51 +184,86 @@ class GraphStage(nn.Module):
             if not preds[j] or any(not 0 <= i < j for i in preds[j]):
                 raise ValueError(f'node {j} needs predecessors among nodes 0..{j - 1}, got {preds[j]}')
 
-    @property
-    def num_nodes(self) -> int:
-        return self.num_blocks + 1
-
     def extra_repr(self) -> str:
         return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
 
     def _edge_weights(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Gated weights (B x out-degree) of node i's output edges."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        bias = self.router_bias[lo:hi]
-        if self.edges == 'router':
-            z = F.linear(x.mean((2, 3)), self.router_weight[lo:hi], bias)
+        bias, tau, weight = self.router_bias, self.tau, self.router_weight
+        assert bias is not None and tau is not None
+        if weight is not None:
+            z = F.linear(x.mean((2, 3)), weight[lo:hi], bias[lo:hi])
         else:
-            z = bias.unsqueeze(0).expand(x.shape[0], hi - lo)
+            z = bias[lo:hi].unsqueeze(0).expand(x.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
-        return gate_edges(alpha, self.tau[i:], self.gate, self.training)
+        return gate_edges(alpha, tau[i:], self.gate, self.training)
 
-    def _aggregate(self, feats: List[torch.Tensor], weights: List[torch.Tensor], j: int) -> torch.Tensor:
-        src = self.preds[j]
-        if self.edges == 'fixed':
-            out = feats[src[0]]
-            for i in src[1:]:
-                out = out + feats[i]
-            return out
+    def _in_edges(self, weights: List[torch.Tensor], j: int) -> torch.Tensor:
+        """Weights (B x in-degree) of node j's input edges, in ``preds[j]`` order."""
         pos = self.pos[j]
-        w = torch.stack([weights[i][:, pos[k]] for k, i in enumerate(src)], dim=1)
-        return weighted_sum([feats[i] for i in src], w)
+        return torch.stack([weights[i][:, pos[k]] for k, i in enumerate(self.preds[j])], dim=1)
+
+    @torch.jit.unused
+    def _open_sources(self, w: torch.Tensor, j: int) -> Tuple[List[int], torch.Tensor]:
+        """Drop the input edges closed for the whole batch (skip mode only)."""
+        keep = w.ne(0).any(0).nonzero().flatten().tolist()
+        return [self.preds[j][k] for k in keep], w[:, keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
+        routed = self.router_bias is not None
         feats: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
+        live = torch.ones(0)
         for j, block in enumerate(self.children()):
-            inp = x if j == 0 else self._aggregate(feats, weights, j)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                out = checkpoint(block, inp)
+            inp = x
+            removed = False
+            if j > 0 and not routed:
+                src = self.preds[j]
+                inp = feats[src[0]]
+                for i in src[1:]:
+                    inp = inp + feats[i]
+            elif j > 0:
+                src = self.preds[j]
+                w = self._in_edges(weights, j)
+                live = w.ne(0).any(1)  # node j is removed for samples whose input edges are all closed
+                if skip:
+                    src, w = self._open_sources(w, j)
+                    removed = len(src) == 0
+                if not removed:
+                    inp = weighted_sum([feats[i] for i in src], w)
+            if removed:  # for the whole batch: skip the block, close its output edges
+                feats.append(feats[0])
+                weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
             else:
-                out = block(inp)
-            feats.append(out)
-            if self.edges != 'fixed':
-                weights.append(self._edge_weights(out, j))
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    out = checkpoint(block, inp)
+                else:
+                    out = block(inp)
+                feats.append(out)
+                if routed:
+                    w_out = self._edge_weights(out, j)
+                    if j > 0:
+                        w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
+                    weights.append(w_out)
         if not torch.jit.is_scripting() and self._capture is not None:
             self._record(weights, x.shape[0], feats[0])
-        return self._aggregate(feats, weights, self.num_blocks)
+
+        n = self.num_blocks
+        src = self.preds[n]
+        if not routed:
+            y = feats[src[0]]
+            for i in src[1:]:
+                y = y + feats[i]
+            return y
+        w = self._in_edges(weights, n)
+        if skip:
+            src, w = self._open_sources(w, n)
+            if not src:
+                return torch.zeros_like(feats[0])
+        return weighted_sum([feats[i] for i in src], w)
 
     @torch.jit.unused
     def _record(self, weights: List[torch.Tensor], batch: int, ref: torch.Tensor) -> None:

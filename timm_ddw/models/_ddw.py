@@ -7,10 +7,13 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, get_pretrained_cfg
+from timm.models._builder import pretrained_cfg_for_features
 
 from ..graph import GraphStage, _check_args
 
-__all__ = ['DDW_DEFAULTS', 'DdwMixin', 'create_ddw', 'twin_cfg']
+__all__ = ['DDW_DEFAULTS', 'DdwMixin', 'create_ddw', 'twin_cfg', 'wire_stages']
+
+_FEATURE_KEYS = ('out_indices', 'feature_cls', 'feature_cfg', 'output_fmt', 'flatten_sequential')
 
 # constructor arguments of the graph stages; every DDW model accepts them
 DDW_DEFAULTS: Dict[str, Any] = dict(
@@ -44,17 +47,10 @@ class DdwMixin:
 
     @classmethod
     def from_twin(cls, model: nn.Module, **ddw_args: Any) -> nn.Module:
-        """Wrap each stage of a timm model in a graph stage holding the same block modules."""
+        """Turn a timm twin into this DDW class: wire its stages, keep its class's API."""
         if type(model) not in cls.__mro__:
             raise TypeError(f'{cls.__name__} wraps {cls.__mro__[2].__name__}, got {type(model).__name__}')
-        for name in cls.stage_names(model):
-            parent_name, _, attr = name.rpartition('.')
-            parent = model.get_submodule(parent_name)
-            stage = GraphStage(getattr(parent, attr), **ddw_args)
-            if isinstance(parent, nn.Sequential):
-                parent[int(attr)] = stage
-            else:
-                setattr(parent, attr, stage)
+        wire_stages(model, cls.stage_names(model), **ddw_args)
         model.__class__ = cls
         return model
 
@@ -84,6 +80,21 @@ class DdwMixin:
         return set(base) | {n for n, _ in self.named_parameters() if n.rpartition('.')[2] in routing}
 
 
+def wire_stages(model: nn.Module, names: List[str], **ddw_args: Any) -> nn.Module:
+    """Replace each named stage that ``model`` has by a graph stage holding the same blocks."""
+    for name in names:
+        parent_name, _, attr = name.rpartition('.')
+        parent = model.get_submodule(parent_name)
+        if attr not in parent._modules:
+            continue  # cut off by a feature extractor's out_indices
+        stage = GraphStage(parent._modules[attr], **ddw_args)
+        if isinstance(parent, nn.Sequential):
+            parent[int(attr)] = stage
+        else:
+            setattr(parent, attr, stage)
+    return model
+
+
 def create_ddw(
         cls: Type[DdwMixin],
         variant: str,
@@ -91,13 +102,25 @@ def create_ddw(
         pretrained: bool = False,
         **kwargs: Any,
 ) -> nn.Module:
-    """Build timm's ``twin`` with timm's own builder, wire its stages, then let
-    ``build_model_with_cfg`` handle pretrained weights and ``features_only`` as for any timm model."""
+    """Build timm's ``twin`` with timm's own builder and wire its stages; ``build_model_with_cfg``
+    then loads pretrained weights as for any timm model.
+
+    ``features_only`` builds the twin's own feature extractor (FeatureListNet for ResNet and
+    RegNet, EfficientNetFeatures for EfficientNet) and wires the stages inside it, so feature
+    models keep the twin's feature_info and state-dict keys.
+    """
     ddw_args = {k: kwargs.pop(k, v) for k, v in DDW_DEFAULTS.items()}
     _check_args(**ddw_args)
+    features_only = kwargs.pop('features_only', False)
+    feature_args = {k: kwargs.pop(k) for k in _FEATURE_KEYS if k in kwargs}
 
     def build(**model_kwargs: Any) -> nn.Module:
-        return cls.from_twin(timm.create_model(twin, pretrained=False, **model_kwargs), **ddw_args)
+        if features_only:
+            model = timm.create_model(twin, features_only=True, **feature_args, **model_kwargs)
+            return wire_stages(model, cls.stage_names(model), **ddw_args)
+        return cls.from_twin(timm.create_model(twin, **model_kwargs), **ddw_args)
 
-    return build_model_with_cfg(
-        build, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    model = build_model_with_cfg(build, variant, pretrained, pretrained_strict=not features_only, **kwargs)
+    if features_only:
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return model

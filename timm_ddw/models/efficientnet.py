@@ -12,7 +12,7 @@ class DdwEfficientNet(DdwMixin, EfficientNet):
 
     @classmethod
     def stage_names(cls, model):
-        return [f'blocks.{i}' for i in range(len(model.blocks))]
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
 
 
 _TWINS = dict(
