@@ -7,6 +7,7 @@ are per sample.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -28,6 +29,20 @@ def _example(model: nn.Module, input_size: Sequence[int], batch_size: int) -> to
     return torch.randn(batch_size, *[int(s) for s in input_size], device=device, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _dense(model: nn.Module):
+    """Export the dense eval forward: skipping closed nodes decides per batch which blocks run,
+    which a traced graph cannot hold; the dense forward gives the same outputs."""
+    stages = [m for m in model.modules() if getattr(m, 'skip_closed', False)]
+    for m in stages:
+        m.skip_closed = False
+    try:
+        yield
+    finally:
+        for m in stages:
+            m.skip_closed = True
+
+
 def _dynamic_batch() -> tuple:
     return ({0: torch.export.Dim('batch', min=1, max=4096)},)
 
@@ -37,10 +52,11 @@ def export_program(
         input_size: Sequence[int] = (3, 224, 224),
         batch_size: int = 2,
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` the model in eval mode with a dynamic batch dimension."""
+    """``torch.export`` the model in eval mode with a dynamic batch dimension (dense forward)."""
     model.eval()
     x = _example(model, input_size, batch_size)
-    return torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
+    with _dense(model):
+        return torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
 
 
 def export_onnx(
