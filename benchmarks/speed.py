@@ -138,7 +138,7 @@ def throughput(bench: Bench, mode: str, variant: str, steps: int, warmup: int) -
     return steps * bench.x.shape[0] / dt
 
 
-def cuda_peak_mb(bench: Bench, mode: str, variant: str) -> float:
+def cuda_peak_mib(bench: Bench, mode: str, variant: str) -> float:
     with weighted_sum_of(variant):
         bench.step(mode)
         torch.cuda.synchronize()
@@ -167,11 +167,11 @@ def cpu_peak_child(args: argparse.Namespace) -> Dict[str, float]:
         before_kb = _proc_status_kb('VmRSS')
         bench.step(mode)
         peak_kb = _proc_status_kb('VmHWM')
-    return dict(peak_mb=(peak_kb - base_kb) / 1024, step_mb=(peak_kb - before_kb) / 1024,
-                rss_after_imports_mb=base_kb / 1024, vmhwm_mb=peak_kb / 1024)
+    return dict(peak_mib=(peak_kb - base_kb) / 1024, step_mib=(peak_kb - before_kb) / 1024,
+                rss_after_imports_mib=base_kb / 1024, vmhwm_mib=peak_kb / 1024)
 
 
-def cpu_peak_mb(args: argparse.Namespace, mode: str, variant: str) -> Dict[str, float]:
+def cpu_peak_mib(args: argparse.Namespace, mode: str, variant: str) -> Dict[str, float]:
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', variant, mode] + args.argv
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -254,9 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             memory[mode] = {}
             for v in variants:
                 if device.type == 'cuda':
-                    memory[mode][v] = dict(peak_mb=cuda_peak_mb(benches[v], mode, v))
+                    memory[mode][v] = dict(peak_mib=cuda_peak_mib(benches[v], mode, v))
                 else:
-                    memory[mode][v] = cpu_peak_mb(args, mode, v)
+                    memory[mode][v] = cpu_peak_mib(args, mode, v)
 
     results = dict(
         model=args.model, twin=twin, device=str(device), device_name=torch.cuda.get_device_name(device)
@@ -270,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         throughput={}, ratios={}, memory=memory, memory_ratios={})
     print()
     print(f'{"mode":6} {"variant":9} {"img/s median":>13} {"min-max":>15} {"ratio/static":>13} {"ratio min-max":>14}'
-          f' {"peak MB":>9} {"mem ratio":>9}')
+          f' {"peak MiB":>9} {"mem ratio":>9}')
     for mode in args.modes:
         results['throughput'][mode] = {v: _stats(tput[mode][v]) for v in variants}
         results['ratios'][mode] = {}
@@ -279,14 +279,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             s = results['throughput'][mode][v]
             ratio = _stats([a / b for a, b in zip(tput[mode][v], tput[mode]['static'], strict=True)])
             results['ratios'][mode][v] = ratio
-            mem = memory.get(mode, {}).get(v, {}).get('peak_mb')
-            mem_ratio = None if mem is None else mem / memory[mode]['static']['peak_mb']
+            mem = memory.get(mode, {}).get(v, {}).get('peak_mib')
+            mem_ratio = None if mem is None else mem / memory[mode]['static']['peak_mib']
             results['memory_ratios'][mode][v] = mem_ratio
             print(f'{mode:6} {v:9} {s["median"]:13.1f} {s["min"]:7.1f}-{s["max"]:<7.1f} {ratio["median"]:13.3f} '
                   f'{ratio["min"]:6.3f}-{ratio["max"]:<7.3f} {"-" if mem is None else f"{mem:9.0f}":>9} '
                   f'{"-" if mem_ratio is None else f"{mem_ratio:9.3f}":>9}')
     print(f'\nratio = DDW img/s / static img/s, per round (median, min-max over {args.rounds} rounds); '
-          f'peak MB: {results["memory_method"]}')
+          f'peak MiB: {results["memory_method"]}')
 
     if args.json is None:
         tag = f'speed_{device.type}_{args.model}_b{args.batch_size}_{args.img_size}'
