@@ -1,0 +1,64 @@
+"""The benchmark scripts count and compare the right things (fast: meta device, tiny inputs)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm_ddw.graph as graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', ROOT / 'benchmarks' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def overhead():
+    return _load('overhead')
+
+
+def test_chain_wiring_costs_exactly_the_twin(overhead):
+    twin = overhead.count('resnet18', 64, 'meta')
+    chain = overhead.count('ddw_resnet18', 64, 'meta', wiring='chain')
+    assert chain['params_m'] == twin['params_m']
+    assert chain['macs_m'] == twin['macs_m']
+    assert chain['aggregation_macs_m'] == chain['router_gap_macs_m'] == 0
+
+
+def test_dynamic_resnet18_overhead_matches_closed_form(overhead):
+    # resnet18 at 64 px: four stages of 2 blocks (3 nodes, 3 edges), outputs C x (16/2^s)^2
+    twin = overhead.count('resnet18', 64, 'meta')
+    ddw = overhead.count('ddw_resnet18', 64, 'meta')
+    chans, sides = [64, 128, 256, 512], [16, 8, 4, 2]
+    numel = [c * s * s for c, s in zip(chans, sides, strict=True)]
+    # edges 0->1, 0->2, 1->2: two take x_0, one x_1, all of the same size
+    assert ddw['aggregation_macs_m'] * 1e6 == pytest.approx(sum(3 * n for n in numel))
+    assert ddw['router_gap_macs_m'] * 1e6 == pytest.approx(sum(2 * n for n in numel))  # nodes 0 and 1 route
+    # FlopCounterMode adds exactly the routers' FC layers: 3 edges x C inputs per stage
+    assert (ddw['counted_macs_m'] - twin['macs_m']) * 1e6 == pytest.approx(sum(3 * c for c in chans))
+    router_params = sum(3 * c + 3 + 2 for c in chans)  # weight, bias, tau (2 receiving nodes)
+    assert (ddw['params_m'] - twin['params_m']) * 1e6 == pytest.approx(router_params)
+
+
+def test_paper_table_copy_is_verbatim():
+    shared = Path('/work/shared/paper/tables.json')
+    if not shared.exists():
+        pytest.skip('the shared paper directory is only on the development machine')
+    assert (ROOT / 'benchmarks' / 'paper_tables.json').read_bytes() == shared.read_bytes()
+
+
+def test_speed_reference_loop_matches_library():
+    speed = _load('speed')
+    xs = [torch.randn(3, 4, 5, 5) for _ in range(4)]
+    w = torch.rand(3, 4)
+    expected = sum(w[:, k].view(3, 1, 1, 1) * xs[k] for k in range(4))
+    torch.testing.assert_close(speed.loop_weighted_sum(xs, w), expected)
+    torch.testing.assert_close(graph.weighted_sum(xs, w), expected)
+    with speed.weighted_sum_of('ddw-loop'):
+        assert graph.weighted_sum is speed.REFERENCE_WEIGHTED_SUM
+    assert graph.weighted_sum is speed.LIBRARY_WEIGHTED_SUM
