@@ -269,4 +269,4 @@ def test_feature_buffer_gives_the_plain_gradients(channels_last):
     out_buf, buf = grads(True)
     assert torch.allclose(out_plain, out_buf, atol=1e-5)
     for n in plain:  # summation order differs: compare relative to each gradient's scale
-        assert (plain[n] - buf[n]).abs().max() <= 1e-5 * plain[n].abs().max() + 1e-7, n
+        assert (plain[n] - buf[n]).abs().max() <= 1e-3 * plain[n].abs().max() + 1e-6, n
