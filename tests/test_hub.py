@@ -192,7 +192,8 @@ SCRIPT = textwrap.dedent('''
         torch.save(model(x), sys.argv[3])
     res['wirings'] = sorted({s.wiring for s in timm_ddw.graph_stages(model).values()})
     for key, name in (('corrupt', 'hf-hub:org/corrupt'), ('wrong_arch', 'hf-hub:org/wrong-arch'),
-                      ('missing_repo', 'hf-hub:org/missing'), ('missing_twin', 'ddw_efficientnet_b0')):
+                      ('unknown_arch', 'hf-hub:org/unknown-arch'), ('missing_repo', 'hf-hub:org/missing'),
+                      ('missing_twin', 'ddw_efficientnet_b0')):
         try:
             timm.create_model(name, pretrained=True)
             res[key] = 'loaded'
@@ -219,6 +220,9 @@ def test_offline_hub_cache_subprocess(tmp_path, exported, static_model):
     other = tmp_path / 'other'
     export_folder(timm.create_model('ddw_mobilenetv2_100', num_classes=10, wiring='static'), other)
     add_to_cache(cache, 'org/wrong-arch', dict(files, **{'model.safetensors': other / 'model.safetensors'}))
+    config = json.loads((exported / 'config.json').read_text())
+    add_to_cache(cache, 'org/unknown-arch', dict(files, **{'config.json': json.dumps(
+        dict(config, architecture='ddw_resnet9000')).encode()}))
     torch.save(X, tmp_path / 'x.pt')
 
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1',
@@ -241,6 +245,7 @@ def test_offline_hub_cache_subprocess(tmp_path, exported, static_model):
     assert res['wrong_arch'].startswith("DdwCheckpointError: Checkpoint from hf_hub_id='org/wrong-arch' does "
                                         "not fit ddw_resnet18 (wiring='static'"), res['wrong_arch']
     assert 'unexpected keys' in res['wrong_arch'] and 'missing keys' in res['wrong_arch']
+    assert res['unknown_arch'] == 'RuntimeError: Unknown model (ddw_resnet9000)', res['unknown_arch']
     assert res['missing_repo'].startswith('LocalEntryNotFoundError'), res['missing_repo']
     assert res['missing_twin'].startswith("DdwCheckpointError: ddw_efficientnet_b0: could not load pretrained "
                                           "weights from hf_hub_id='timm/efficientnet_b0.ra_in1k'"), res['missing_twin']

@@ -1,5 +1,6 @@
 """pretrained=True: the chain-equivalent warm start from the twins' ImageNet weights, and checked loading."""
 import argparse
+from pathlib import Path
 
 import pytest
 import timm
@@ -7,9 +8,9 @@ import torch
 
 import timm_ddw
 from timm_ddw.hub import TWINS
-from timm_ddw.models._pretrained import (
-    CHAIN_TAU, DdwCheckpointError, chain_init_state_dict, ddw_filter_fn)
+from timm_ddw.models._pretrained import CHAIN_TAU, DdwCheckpointError, chain_init_state_dict, ddw_filter_fn
 
+README = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
@@ -37,6 +38,7 @@ def test_chaininit_tag_reproduces_twin(name):
     assert cfg['tag'] == f'{twin_cfg.tag}_chaininit'
     assert cfg['hf_hub_id'] == twin_cfg.hf_hub_id == f'timm/{twin_name}.{twin_cfg.tag}'
     assert 'not DDW-trained' in cfg['description']
+    assert f"| `{name}.{cfg['tag']}` | [`{cfg['hf_hub_id']}`]" in README  # the README's tag table
     for key in ('input_size', 'crop_pct', 'interpolation', 'mean', 'std', 'license'):
         assert cfg[key] == getattr(twin_cfg, key), key
 
