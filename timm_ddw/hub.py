@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -26,7 +27,7 @@ from .models._ddw import DDW_DEFAULTS
 from .models._pretrained import DdwCheckpointError, load_checked
 
 __all__ = [
-    'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config', 'model_card',
+    'DdwCheckpointError', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config', 'model_card',
     'write_hub_configs', 'check_hub_configs', 'register_cli']
 
 TWINS: Dict[str, str] = {**resnet._TWINS, **regnet._TWINS, **efficientnet._TWINS}
@@ -406,6 +407,18 @@ def _json_arg(text: Optional[str], what: str) -> Dict[str, Any]:
     return value
 
 
+def _user_errors(fn: Any) -> Any:
+    """Report bad input (missing files, mismatched checkpoints) as one line and exit code 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f'timm-ddw {args.command}: error: {e}', file=sys.stderr)
+            return 1
+    return run
+
+
+@_user_errors
 def _cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(
         args.checkpoint, args.out_dir, model_name=args.model, model_args=_json_arg(args.model_args, '--model-args'),
@@ -415,6 +428,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def _cmd_push(args: argparse.Namespace) -> int:
     plan = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
                        create_pr=args.create_pr, commit_message=args.commit_message, dry_run=args.dry_run)
