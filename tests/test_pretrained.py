@@ -125,3 +125,20 @@ def test_file_overlay_loads_train_checkpoint_ema(tmp_path):
         timm.create_model('ddw_resnet18', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
     with pytest.raises(DdwCheckpointError, match=r"could not load pretrained weights from file=.*nope"):
         timm.create_model('ddw_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope')))
+
+
+def test_features_only_pretrained(tmp_path):
+    twin = randomise_(timm.create_model('mobilenetv2_100')).eval()
+    path = tmp_path / 'twin.safetensors'
+    import safetensors.torch
+    safetensors.torch.save_file(twin.state_dict(), path)
+    kw = dict(pretrained=True, features_only=True, out_indices=(1, 3), pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model('ddw_mobilenetv2_100', **kw).eval()
+    ref = timm.create_model('mobilenetv2_100', **kw).eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(X), ref(X)))
+    # a feature model still refuses weights that lack its own keys
+    del_key = 'blocks.1.0.conv_pw.weight'
+    safetensors.torch.save_file({k: v for k, v in twin.state_dict().items() if k != del_key}, path)
+    with pytest.raises(DdwCheckpointError, match=f'missing keys \\(1\\): {del_key}'):
+        timm.create_model('ddw_mobilenetv2_100', **kw)
