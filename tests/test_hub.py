@@ -105,6 +105,8 @@ def test_export_refuses_inconsistent_model_args(static_model, tmp_path):
         export_folder(static_model, tmp_path, model_args=dict(wiring='dynamic'))
     with pytest.raises(ValueError, match='expected a ddw_\\* model'):
         export_folder(timm.create_model('resnet18'), tmp_path)
+    with pytest.raises(ValueError, match='features_only models are not exported'):
+        export_folder(timm.create_model('ddw_resnet18', features_only=True, device='meta'), tmp_path)
 
 
 def test_export_cli_from_train_checkpoint(tmp_path, static_model, capsys):

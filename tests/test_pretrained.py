@@ -142,3 +142,16 @@ def test_features_only_pretrained(tmp_path):
     safetensors.torch.save_file({k: v for k, v in twin.state_dict().items() if k != del_key}, path)
     with pytest.raises(DdwCheckpointError, match=f'missing keys \\(1\\): {del_key}'):
         timm.create_model('ddw_mobilenetv2_100', **kw)
+
+
+def test_fixed_wirings():
+    twin_sd = timm.create_model('resnet18').state_dict()
+    chain = timm.create_model('ddw_resnet18', wiring='chain')
+    assert chain_init_state_dict(twin_sd, chain).keys() == twin_sd.keys()  # the twin's weights as they are
+    timm_ddw.register_wiring('_test_skip', 'fixed', lambda n, seed: [[j - 1, j - 2][:j] for j in range(n)])
+    try:
+        skip = timm.create_model('ddw_resnet18', wiring='_test_skip')
+        with pytest.raises(DdwCheckpointError, match="stage 'layer1' has fixed edges that are not the chain"):
+            chain_init_state_dict(twin_sd, skip)
+    finally:
+        timm_ddw.WIRINGS.pop('_test_skip')

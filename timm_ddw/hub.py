@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .capture import graph_stages
 from .models import efficientnet, regnet, resnet
-from .models._ddw import DDW_DEFAULTS
+from .models._ddw import DDW_DEFAULTS, DdwMixin
 from .models._pretrained import DdwCheckpointError, load_checked
 
 __all__ = [
@@ -63,7 +63,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     for attr in ('module', '_orig_mod'):  # DDP / torch.compile wrappers
         model = getattr(model, attr, model)
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
-    if arch not in TWINS or not graph_stages(model):
+    if arch not in TWINS or not isinstance(model, DdwMixin):
         raise ValueError(f'expected a ddw_* model built by timm.create_model (one of {sorted(TWINS)}), got '
                          f'{type(model).__name__} with architecture={arch!r}; features_only models are not exported')
     return model

@@ -184,12 +184,9 @@ def ddw_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if isinstance(model, RegNet):
         state_dict = regnet_filter_fn(state_dict)
-    own_routing = any(_is_routing_key(k) for k in model.state_dict())
-    has_routing = any(_is_routing_key(k) for k in state_dict)
-    if own_routing and not has_routing and (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX):
+    if (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX) and not any(_is_routing_key(k) for k in state_dict):
+        # a static network's weights; unchanged for wiring='chain', an error for other fixed graphs
         state_dict = chain_init_state_dict(state_dict, model)
-    elif not has_routing and not own_routing and (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX):
-        chain_init_state_dict(state_dict, model)  # raises for fixed wirings that are not the chain
     _fix_num_classes(state_dict, cfg)
     check_state_dict(state_dict, model, cfg)
     return state_dict
