@@ -182,7 +182,7 @@ def ddw_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any
     from timm.models.regnet import _filter_fn as regnet_filter_fn
 
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if isinstance(model, RegNet):
+    if isinstance(model, RegNet) or (cfg.get('architecture') or '').startswith('ddw_regnet'):  # features_only too
         state_dict = regnet_filter_fn(state_dict)
     if (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX) and not any(_is_routing_key(k) for k in state_dict):
         # a static network's weights; unchanged for wiring='chain', an error for other fixed graphs
