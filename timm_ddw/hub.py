@@ -140,7 +140,8 @@ def _stage_lines(model: nn.Module) -> List[str]:
     lines = []
     for name, stage in graph_stages(model).items():
         edges = sum(len(p) for p in stage.preds)
-        lines.append(f'{name}: {stage.num_blocks} blocks, {stage.num_blocks + 1} nodes, {edges} edges')
+        n = stage.num_blocks
+        lines.append(f"{name}: {n} block{'s' * (n != 1)}, {n + 1} nodes, {edges} edge{'s' * (edges != 1)}")
     return lines
 
 
