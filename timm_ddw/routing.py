@@ -449,6 +449,8 @@ def collect_routing(
                         labels = batch[1]
                 else:
                     images = batch
+                if not isinstance(images, torch.Tensor):
+                    raise TypeError(f'loader batches must be image tensors or (images, labels), got {type(images)}')
                 model(images.to(device))
                 stats.update(captured, labels)
                 for v in captured.values():
