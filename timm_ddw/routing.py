@@ -184,12 +184,13 @@ class RoutingStats:
             raise ValueError(f'{type(model).__name__} has no DDW graph stages')
         masks = {}
         for name, stage in stages.items():
-            mask = torch.zeros(stage.num_nodes, stage.num_nodes, dtype=torch.bool)
+            n = len(stage.preds)
+            mask = torch.zeros(n, n, dtype=torch.bool)
             for j, src in enumerate(stage.preds):
                 mask[j, src] = True
             masks[name] = mask
         stats = cls(edges=masks, **kwargs)
-        stats.meta.setdefault('wiring', {name: stage.wiring for name, stage in stages.items()})
+        stats.meta.setdefault('wiring', {name: getattr(stage, 'wiring', None) for name, stage in stages.items()})
         arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
         if arch:
             stats.meta.setdefault('model', arch)
