@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import checkpoint
 
+from .buffer import FeatureBuffer
+
 __all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'register_wiring', 'weighted_sum', 'gate_edges']
 
 GATES = ('ste', 'psi')
@@ -149,6 +151,7 @@ class GraphStage(nn.Module):
         self.num_blocks = n
         self.grad_checkpointing = False
         self.skip_closed = False
+        self.use_buffer = True
         self._capture: Optional[List[torch.Tensor]] = None
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
@@ -193,7 +196,9 @@ class GraphStage(nn.Module):
         bias, tau, weight = self.router_bias, self.tau, self.router_weight
         assert bias is not None and tau is not None
         if weight is not None:
-            z = F.linear(x.mean((2, 3)), weight[lo:hi], bias[lo:hi])
+            # global average pool as a sum: its backward is a broadcast, not a full-size division
+            pooled = x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+            z = F.linear(pooled, weight[lo:hi], bias[lo:hi])
         else:
             z = bias[lo:hi].unsqueeze(0).expand(x.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
@@ -211,11 +216,21 @@ class GraphStage(nn.Module):
         keep = w.ne(0).any(0).nonzero().flatten().tolist()
         return [self.preds[j][k] for k in keep], w[:, keep]
 
+    @torch.jit.unused
+    def _use_buffer(self, routed: bool, skip: bool) -> bool:
+        """The feature buffer pays off in eager training; compilers fuse the plain sums themselves."""
+        return routed and not skip and self.use_buffer and torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
         routed = self.router_bias is not None
         feats: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
+        tokens: List[torch.Tensor] = []
+        buf = None
+        if not torch.jit.is_scripting() and self._use_buffer(routed, skip):
+            buf = FeatureBuffer(self.preds)
         live = torch.ones(0)
         for j, block in enumerate(self.children()):
             inp = x
@@ -232,7 +247,9 @@ class GraphStage(nn.Module):
                 if skip:
                     src, w = self._open_sources(w, j)
                     removed = len(src) == 0
-                if not removed:
+                if not torch.jit.is_scripting() and buf is not None:
+                    inp = buf.aggregate(j, w, [tokens[i] for i in src])
+                elif not removed:
                     inp = weighted_sum([feats[i] for i in src], w)
             if removed:  # for the whole batch: skip the block, close its output edges
                 feats.append(feats[0])
@@ -243,6 +260,8 @@ class GraphStage(nn.Module):
                 else:
                     out = block(inp)
                 feats.append(out)
+                if not torch.jit.is_scripting() and buf is not None:
+                    tokens.append(buf.put(j, out))
                 if routed:
                     w_out = self._edge_weights(out, j)
                     if j > 0:
@@ -259,6 +278,8 @@ class GraphStage(nn.Module):
                 y = y + feats[i]
             return y
         w = self._in_edges(weights, n)
+        if not torch.jit.is_scripting() and buf is not None:
+            return buf.aggregate(n, w, [tokens[i] for i in src])
         if skip:
             src, w = self._open_sources(w, n)
             if not src:

@@ -10,6 +10,7 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg
 from timm.models._builder import pretrained_cfg_for_features
 
 from ..graph import GraphStage, _check_args
+from ._pretrained import chaininit_source, ddw_filter_fn, pretrained_errors
 
 __all__ = ['DDW_DEFAULTS', 'DdwMixin', 'create_ddw', 'twin_cfg', 'wire_stages']
 
@@ -26,9 +27,11 @@ _DATA_KEYS = (
 
 
 def twin_cfg(twin: str, **overrides: Any) -> Dict[str, Any]:
-    """A DDW model's pretrained_cfg: its timm twin's data config, without the twin's weights."""
+    """A DDW model's pretrained_cfg: its timm twin's data config and licence, with the twin's
+    default ImageNet weights as the source of the chain-equivalent warm start (see _pretrained.py)."""
     cfg = get_pretrained_cfg(twin).to_dict()
     out = {k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None}
+    out.update(chaininit_source(cfg))
     out.update(overrides)
     return out
 
@@ -120,7 +123,10 @@ def create_ddw(
             return wire_stages(model, cls.stage_names(model), **ddw_args)
         return cls.from_twin(timm.create_model(twin, **model_kwargs), **ddw_args)
 
-    model = build_model_with_cfg(build, variant, pretrained, pretrained_strict=not features_only, **kwargs)
+    with pretrained_errors(variant, pretrained, kwargs):
+        model = build_model_with_cfg(
+            build, variant, pretrained, pretrained_strict=not features_only, pretrained_filter_fn=ddw_filter_fn,
+            **kwargs)
     if features_only:
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     return model

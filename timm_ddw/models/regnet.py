@@ -3,6 +3,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.regnet import RegNet
 
 from ._ddw import DdwMixin, create_ddw, twin_cfg
+from ._pretrained import chaininit_name
 
 __all__ = ['DdwRegNet']
 
@@ -21,7 +22,7 @@ _TWINS = dict(
     ddw_regnety_600m='regnety_006',
 )
 
-default_cfgs = generate_default_cfgs({name: twin_cfg(twin) for name, twin in _TWINS.items()})
+default_cfgs = generate_default_cfgs({chaininit_name(name, twin): twin_cfg(twin) for name, twin in _TWINS.items()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DdwRegNet:

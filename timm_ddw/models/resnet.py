@@ -3,6 +3,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
 from ._ddw import DdwMixin, create_ddw, twin_cfg
+from ._pretrained import chaininit_name
 
 __all__ = ['DdwResNet']
 
@@ -22,7 +23,7 @@ _TWINS = dict(
     ddw_resnext50_32x4d='resnext50_32x4d',
 )
 
-default_cfgs = generate_default_cfgs({name: twin_cfg(twin) for name, twin in _TWINS.items()})
+default_cfgs = generate_default_cfgs({chaininit_name(name, twin): twin_cfg(twin) for name, twin in _TWINS.items()})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> DdwResNet:

@@ -1,0 +1,258 @@
+"""Export, publish and load DDW weights; offline against a real Hugging Face cache laid out on disk."""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import timm_ddw
+from timm_ddw import cli
+from timm_ddw.hub import check_hub_configs, export_folder, hub_config, push_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+# one model per family: its twin's default Hub repo holds the weights pretrained=True loads
+FAMILIES = {'ddw_resnet18': 'resnet18', 'ddw_mobilenetv2_100': 'mobilenetv2_100', 'ddw_regnetx_600m': 'regnetx_006'}
+
+
+def randomise_(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(('router_bias', 'router_weight')):
+                p.normal_(0, 1, generator=g)  # edges open and closed, per sample
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+                m.weight.uniform_(0.5, 1.2, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+def add_to_cache(cache: Path, repo_id: str, files: dict) -> Path:
+    """A real huggingface_hub cache entry: blobs named by hash, snapshot symlinks, refs/main."""
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snap = repo / 'snapshots' / commit
+    (repo / 'blobs').mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo / 'refs').mkdir(exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    for name, data in files.items():
+        data = Path(data).read_bytes() if isinstance(data, Path) else data
+        blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    return snap
+
+
+@pytest.fixture(scope='module')
+def static_model():
+    return randomise_(timm.create_model('ddw_resnet18', wiring='static', num_classes=10)).eval()
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory, static_model):
+    out = tmp_path_factory.mktemp('export') / 'ddw-resnet18-static'
+    recipe = 'model: ddw_resnet18\nepochs: 3\nlr: 0.1\n'
+    export_folder(static_model, out, metrics=dict(top1=91.25, dataset='fashion-mnist', img_size=64),
+                  recipe=recipe, repo_id='org/ddw-resnet18-static')
+    return out
+
+
+def test_export_folder_contents(exported, static_model):
+    assert sorted(p.name for p in exported.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((exported / 'config.json').read_text())
+    assert config['architecture'] == 'ddw_resnet18' and config['num_classes'] == 10
+    assert config['model_args'] == dict(num_classes=10, in_chans=3, wiring='static', router_bias=3.0,
+                                        threshold_init=0.0, gate='ste', wiring_seed=0, global_pool='avg')
+    cfg = config['pretrained_cfg']
+    assert 'hf_hub_id' not in cfg and 'tag' not in cfg  # the twin's chain-init source is not carried over
+    assert cfg['input_size'] == [3, 224, 224] and cfg['crop_pct'] == 0.95 and cfg['license'] == 'apache-2.0'
+    weights = safetensors.torch.load_file(exported / 'model.safetensors')
+    assert weights.keys() == static_model.state_dict().keys()
+    assert all(torch.equal(v, weights[k]) for k, v in static_model.state_dict().items())
+    card = (exported / 'README.md').read_text()
+    for text in ('# Model card for org/ddw-resnet18-static', "**wiring:** `'static'`", '| Top-1 accuracy (%) | 91.25 |',
+                 '- fashion-mnist', 'epochs: 3', 'title     = {Differentiable Dynamic Wirings for Neural Networks}',
+                 "timm.create_model('hf-hub:org/ddw-resnet18-static', pretrained=True)",
+                 'layer1: 2 blocks, 3 nodes, 3 edges'):
+        assert text in card, text
+
+
+def test_local_dir_round_trip(exported, static_model):
+    model = timm.create_model(f'local-dir:{exported}', pretrained=True).eval()
+    assert {s.wiring for s in timm_ddw.graph_stages(model).values()} == {'static'}
+    with torch.no_grad():
+        assert torch.equal(model(X), static_model(X))
+
+
+def test_export_refuses_inconsistent_model_args(static_model, tmp_path):
+    # an entrypoint called directly records no arguments: the wiring and gate are read off the stages
+    direct = timm_ddw.models.ddw_regnetx_600m(wiring='static', gate='psi', device='meta')
+    args = hub_config(direct)['model_args']
+    assert (args['wiring'], args['gate']) == ('static', 'psi')
+    with pytest.raises(ValueError, match="wiring='dynamic' contradicts the model.*wiring='static'"):
+        export_folder(static_model, tmp_path, model_args=dict(wiring='dynamic'))
+    with pytest.raises(ValueError, match='expected a ddw_\\* model'):
+        export_folder(timm.create_model('resnet18'), tmp_path)
+    with pytest.raises(ValueError, match='features_only models are not exported'):
+        export_folder(timm.create_model('ddw_resnet18', features_only=True, device='meta'), tmp_path)
+
+
+def test_export_cli_from_train_checkpoint(tmp_path, static_model, capsys):
+    ema = {k: v * 2 if v.is_floating_point() else v for k, v in static_model.state_dict().items()}
+    ckpt = tmp_path / 'last.pth.tar'
+    torch.save(dict(arch='ddw_resnet18', epoch=3, state_dict=static_model.state_dict(), state_dict_ema=ema,
+                    args=argparse.Namespace(model='ddw_resnet18', model_kwargs=dict(wiring='static'))), ckpt)
+    (tmp_path / 'recipe.yaml').write_text('epochs: 3\n')
+    out = tmp_path / 'out'
+    assert cli.main(['export', str(ckpt), str(out), '--metrics', '{"top1": 90.5}',
+                     '--recipe', str(tmp_path / 'recipe.yaml'), '--tag', 'fmnist_e3']) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['wiring'] == 'static' and config['num_classes'] == 10
+    assert config['pretrained_cfg']['tag'] == 'fmnist_e3'
+    weights = safetensors.torch.load_file(out / 'model.safetensors')
+    assert all(torch.equal(weights[k], v) for k, v in ema.items())  # EMA preferred
+    assert '| Top-1 accuracy (%) | 90.5 |' in (out / 'README.md').read_text()
+
+    # the same checkpoint exported as another wiring fails, naming the keys
+    assert cli.main(['export', str(ckpt), str(tmp_path / 'bad'), '--model-args', '{"wiring": "dynamic"}']) == 1
+    err = capsys.readouterr().err
+    assert "timm-ddw export: error: " in err and "does not fit ddw_resnet18 (wiring='dynamic'" in err
+    assert 'missing keys (4): layer1.router_weight' in err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_push(exported, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.utils import build_hf_headers
+
+    monkeypatch.setenv('HF_TOKEN', 'hf_dummy_token_for_test')
+    assert cli.main(['push', str(exported), 'org/ddw-resnet18-static', '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert 'dry run: would upload README.md, config.json, model.safetensors' in out and 'token found' in out
+
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(('create_repo', repo_id, kw, build_hf_headers(token=self.token)['authorization']))
+        return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+    def upload_folder(self, **kw):
+        calls.append(('upload_folder', kw['repo_id'], kw, sorted(os.listdir(kw['folder_path']))))
+        return 'commit'
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    push_folder(exported, 'org/ddw-resnet18-static', private=True)
+    assert calls[0][:2] == ('create_repo', 'org/ddw-resnet18-static') and calls[0][2]['private'] is True
+    assert calls[0][3] == 'Bearer hf_dummy_token_for_test'  # the token the real call would send
+    assert calls[1][1] == 'org/ddw-resnet18-static'
+    assert calls[1][3] == ['README.md', 'config.json', 'model.safetensors']
+
+    bad = tmp_path / 'pickled'
+    shutil.copytree(exported, bad)
+    torch.save({}, bad / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match='pickle files'):
+        push_folder(bad, 'org/x', dry_run=True)
+    with pytest.raises(ValueError, match="repo_id='x' must be 'ORG/NAME'"):
+        push_folder(exported, 'x', dry_run=True)
+
+
+def test_hub_configs_in_sync(tmp_path):
+    assert check_hub_configs(ROOT / 'hub_configs') == [], 'run `timm-ddw hub-configs hub_configs`'
+    shutil.copytree(ROOT / 'hub_configs', tmp_path / 'h')
+    path = tmp_path / 'h' / 'ddw_resnet18' / 'config.json'
+    path.write_text(path.read_text().replace('"dynamic"', '"static"'))
+    assert check_hub_configs(tmp_path / 'h') == ['ddw_resnet18/config.json']
+
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, torch, timm, timm_ddw
+    import timm.models._hub as hub
+    requested = []
+    real = hub.hf_hub_download
+    def recording(repo_id, filename, **kw):
+        requested.append(f"{repo_id}/{filename}")
+        return real(repo_id, filename, **kw)
+    hub.hf_hub_download = recording
+    x = torch.load(sys.argv[1])
+    res = {}
+    for name, twin in json.loads(sys.argv[2]).items():
+        model = timm.create_model(name, pretrained=True).eval()
+        ref = timm.create_model(twin, pretrained=True).eval()
+        with torch.no_grad():
+            res[name] = (model(x) - ref(x)).abs().max().item()
+    model = timm.create_model('hf-hub:org/ddw-resnet18-static', pretrained=True).eval()
+    with torch.no_grad():
+        torch.save(model(x), sys.argv[3])
+    res['wirings'] = sorted({s.wiring for s in timm_ddw.graph_stages(model).values()})
+    for key, name in (('corrupt', 'hf-hub:org/corrupt'), ('wrong_arch', 'hf-hub:org/wrong-arch'),
+                      ('unknown_arch', 'hf-hub:org/unknown-arch'), ('missing_repo', 'hf-hub:org/missing'),
+                      ('missing_twin', 'ddw_efficientnet_b0')):
+        try:
+            timm.create_model(name, pretrained=True)
+            res[key] = 'loaded'
+        except Exception as e:
+            res[key] = f"{type(e).__name__}: {e}"
+    res['requested'] = requested
+    print(json.dumps(res))
+''')
+
+
+def test_offline_hub_cache_subprocess(tmp_path, exported, static_model):
+    cache = tmp_path / 'hf'
+    twins = {}
+    for i, (name, twin) in enumerate(FAMILIES.items()):
+        model = randomise_(timm.create_model(twin), seed=i)
+        safetensors.torch.save_file(model.state_dict(), tmp_path / f'{twin}.safetensors')
+        repo = timm.models.get_pretrained_cfg(twin).hf_hub_id
+        add_to_cache(cache, repo, {'model.safetensors': tmp_path / f'{twin}.safetensors'})
+        twins[name] = twin
+    files = {f: exported / f for f in ('config.json', 'model.safetensors', 'README.md')}
+    add_to_cache(cache, 'org/ddw-resnet18-static', files)
+    weights = (exported / 'model.safetensors').read_bytes()
+    add_to_cache(cache, 'org/corrupt', dict(files, **{'model.safetensors': weights[:len(weights) // 2]}))
+    other = tmp_path / 'other'
+    export_folder(timm.create_model('ddw_mobilenetv2_100', num_classes=10, wiring='static'), other)
+    add_to_cache(cache, 'org/wrong-arch', dict(files, **{'model.safetensors': other / 'model.safetensors'}))
+    config = json.loads((exported / 'config.json').read_text())
+    add_to_cache(cache, 'org/unknown-arch', dict(files, **{'config.json': json.dumps(
+        dict(config, architecture='ddw_resnet9000')).encode()}))
+    torch.save(X, tmp_path / 'x.pt')
+
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    env.pop('HF_HOME', None)
+    proc = subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path / 'x.pt'), json.dumps(twins),
+                           str(tmp_path / 'y.pt')], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    for name, twin in twins.items():
+        assert res[name] <= 1e-4, (name, res[name])
+        repo = timm.models.get_pretrained_cfg(twin).hf_hub_id
+        assert f'{repo}/model.safetensors' in res['requested']  # through hf_hub_download
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / 'y.pt'), static_model(X))
+    assert res['wirings'] == ['static']
+    assert res['corrupt'].startswith('DdwCheckpointError: ddw_resnet18: could not load pretrained weights '
+                                     "from hf_hub_id='org/corrupt': SafetensorError"), res['corrupt']
+    assert res['wrong_arch'].startswith("DdwCheckpointError: Checkpoint from hf_hub_id='org/wrong-arch' does "
+                                        "not fit ddw_resnet18 (wiring='static'"), res['wrong_arch']
+    assert 'unexpected keys' in res['wrong_arch'] and 'missing keys' in res['wrong_arch']
+    assert res['unknown_arch'] == 'RuntimeError: Unknown model (ddw_resnet9000)', res['unknown_arch']
+    assert res['missing_repo'].startswith('LocalEntryNotFoundError'), res['missing_repo']
+    assert res['missing_twin'].startswith("DdwCheckpointError: ddw_efficientnet_b0: could not load pretrained "
+                                          "weights from hf_hub_id='timm/efficientnet_b0.ra_in1k'"), res['missing_twin']

@@ -1,0 +1,499 @@
+"""Publishing DDW weights on the Hugging Face Hub, and loading them back.
+
+A published DDW repository is a timm repository: ``model.safetensors``, a ``config.json`` in
+timm's format whose ``architecture`` and ``model_args`` (wiring, router settings, ...) rebuild
+the model, and a model card. ``timm.create_model('hf-hub:ORG/REPO', pretrained=True)`` loads it
+once ``timm_ddw`` is imported. Commands (``timm-ddw COMMAND -h``):
+
+- ``export``: a train.py checkpoint -> a Hub-ready folder (:func:`export_checkpoint`);
+- ``push``: upload such a folder with huggingface_hub (:func:`push_folder`);
+- ``hub-configs``: regenerate ``hub_configs/<model>/{config.json,README.md}`` (:func:`write_hub_configs`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch.nn as nn
+
+from .capture import graph_stages
+from .models import efficientnet, regnet, resnet
+from .models._ddw import DDW_DEFAULTS, DdwMixin
+from .models._pretrained import DdwCheckpointError, load_checked
+
+__all__ = [
+    'DdwCheckpointError', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config', 'model_card',
+    'write_hub_configs', 'check_hub_configs', 'register_cli']
+
+TWINS: Dict[str, str] = {**resnet._TWINS, **regnet._TWINS, **efficientnet._TWINS}
+WEIGHTS_NAME = 'model.safetensors'
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar')
+PAPER = 'Differentiable Dynamic Wirings for Neural Networks'
+CITATIONS = (
+    """@inproceedings{yuan2021ddw,
+  title     = {Differentiable Dynamic Wirings for Neural Networks},
+  author    = {Yuan, Kun and Li, Quanquan and Guo, Shaopeng and Chen, Dapeng and Zhou, Aojun and """
+    """Yu, Fengwei and Liu, Ziwei},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2021}
+}""",
+    """@misc{rw2019timm,
+  author = {Ross Wightman},
+  title = {PyTorch Image Models},
+  year = {2019},
+  publisher = {GitHub},
+  journal = {GitHub repository},
+  doi = {10.5281/zenodo.4414861},
+  howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}}
+}""",
+)
+# metric name -> label in the model card; other keys are listed as given
+METRIC_FIELDS = {
+    'top1': 'Top-1 accuracy (%)', 'top5': 'Top-5 accuracy (%)', 'dataset': 'Evaluation data set',
+    'img_size': 'Evaluation image size', 'crop_pct': 'Evaluation crop_pct'}
+PathLike = Union[str, Path]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for attr in ('module', '_orig_mod'):  # DDP / torch.compile wrappers
+        model = getattr(model, attr, model)
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    if arch not in TWINS or not isinstance(model, DdwMixin):
+        raise ValueError(f'expected a ddw_* model built by timm.create_model (one of {sorted(TWINS)}), got '
+                         f'{type(model).__name__} with architecture={arch!r}; features_only models are not exported')
+    return model
+
+
+def ddw_model_args(model: nn.Module, model_args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Every argument needed to rebuild ``model``: the DDW ones always, plus timm's recorded ones.
+
+    The wiring and gate are read off the graph stages; explicit ``model_args`` that contradict
+    them are an error. The result is checked by rebuilding the model on the meta device.
+    """
+    import timm
+    from timm.models import get_model_args
+
+    model = _unwrap(model)
+    stage = next(iter(graph_stages(model).values()))
+    recorded = dict(getattr(model, '_model_args', {}))
+    args = {k: recorded.get(k, v) for k, v in DDW_DEFAULTS.items()}
+    args.update(wiring=stage.wiring, gate=stage.gate)
+    for key in ('wiring', 'gate'):
+        if model_args and key in model_args and model_args[key] != args[key]:
+            raise ValueError(f'model_args {key}={model_args[key]!r} contradicts the model, whose stages use '
+                             f'{key}={args[key]!r}')
+    args.update(model_args or {})
+    args = get_model_args(model, args)
+
+    arch = model.pretrained_cfg['architecture']
+    rebuilt = timm.create_model(arch, device='meta', **args)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    new = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    graphs = [s.preds for s in graph_stages(model).values()]
+    if own != new or graphs != [s.preds for s in graph_stages(rebuilt).values()]:
+        raise ValueError(f'model_args {args} do not rebuild this {arch}: its state dict or graphs differ; '
+                         'pass the arguments the model was created with (e.g. wiring_seed) as model_args')
+    return args
+
+
+def hub_config(
+        model: nn.Module,
+        model_args: Optional[Mapping[str, Any]] = None,
+        tag: Optional[str] = None,
+        license: Optional[str] = None,
+        description: Optional[str] = None,
+) -> Dict[str, Any]:
+    """``config.json`` of a published DDW model, in timm's format (timm's own writer).
+
+    The source-weight fields of ``pretrained_cfg`` (hub id, chain-init tag and description) are
+    replaced: the exported weights are a new source.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    model = _unwrap(model)
+    args = ddw_model_args(model, model_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'config.json'
+        save_config_for_hf(model, str(path), model_args=args)
+        config = json.loads(path.read_text())
+    cfg = config['pretrained_cfg']
+    for key in ('tag', 'origin_url', 'description', 'notes', 'paper_ids'):
+        cfg.pop(key, None)
+    if tag:
+        cfg['tag'] = tag
+    if license:
+        cfg['license'] = license
+    twin = TWINS[config['architecture']]
+    cfg['description'] = description or (
+        f"{config['architecture']}: timm's {twin} with Differentiable Dynamic Wirings "
+        f"(wiring={args['wiring']!r}), exported by timm-ddw.")
+    cfg['paper_name'] = PAPER
+    return config
+
+
+def _stage_lines(model: nn.Module) -> List[str]:
+    lines = []
+    for name, stage in graph_stages(model).items():
+        edges = sum(len(p) for p in stage.preds)
+        n = stage.num_blocks
+        lines.append(f"{name}: {n} block{'s' * (n != 1)}, {n + 1} nodes, {edges} edge{'s' * (edges != 1)}")
+    return lines
+
+
+def _recipe_text(recipe: Union[None, str, Path, Mapping[str, Any]]) -> Optional[str]:
+    import yaml
+    if recipe is None:
+        return None
+    if isinstance(recipe, Mapping):
+        return yaml.safe_dump(dict(recipe), sort_keys=False).strip()
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and '\n' not in recipe and Path(recipe).is_file()):
+        return Path(recipe).read_text().strip()
+    return str(recipe).strip()
+
+
+def model_card(
+        config: Mapping[str, Any],
+        model: nn.Module,
+        repo_id: Optional[str] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        recipe: Union[None, str, Path, Mapping[str, Any]] = None,
+) -> str:
+    """The README.md of a published DDW model: details, training recipe, metrics, citation."""
+    from . import __version__
+
+    arch = config['architecture']
+    twin = TWINS[arch]
+    args = config.get('model_args', {})
+    cfg = config['pretrained_cfg']
+    metrics = dict(metrics or {})
+    repo = repo_id or f'ORG/{arch}'
+    total = sum(p.numel() for p in model.parameters())
+    routing = sum(p.numel() for n, p in model.named_parameters() if n.rpartition('.')[2] in (
+        'router_weight', 'router_bias', 'tau'))
+    lines = ['---', 'tags:', '- image-classification', '- timm', '- timm-ddw', '- dynamic-wiring',
+             'library_name: timm', f"license: {cfg.get('license') or 'apache-2.0'}"]
+    if metrics.get('dataset'):
+        lines += ['datasets:', f"- {str(metrics['dataset']).lower()}"]
+    lines += ['---', f'# Model card for {repo}', '',
+              f"A Differentiable Dynamic Wirings (DDW; Yuan et al., ICCV 2021) {arch}: timm's `{twin}` "
+              'with the blocks of each stage wired as a complete DAG whose edge weights a router predicts '
+              'per sample (edges below a learned threshold are dropped). Built with '
+              f'timm-ddw {__version__}.', '', '## Model Details',
+              '- **Model type:** image classification / feature backbone',
+              f'- **Architecture:** `{arch}` (timm twin: `{twin}`)',
+              f"- **Weights:** {cfg.get('description', '')}"]
+    for key in DDW_DEFAULTS:
+        lines.append(f'- **{key}:** `{args.get(key, DDW_DEFAULTS[key])!r}`')
+    lines.append('- **Graph stages:**')
+    lines += [f'  - {s}' for s in _stage_lines(model)]
+    lines += [f'- **Params (M):** {total / 1e6:.2f} (routers and thresholds: {routing / 1e6:.3f})',
+              f"- **Classes:** {config['num_classes']}",
+              f"- **Image size:** train {tuple(cfg['input_size'])}"
+              + (f", test {tuple(cfg['test_input_size'])}" if cfg.get('test_input_size') else ''),
+              f"- **Preprocessing:** crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation, "
+              f"mean {tuple(cfg.get('mean', ()))}, std {tuple(cfg.get('std', ()))}",
+              f"- **Paper:** {PAPER}", '', '## Training recipe']
+    text = _recipe_text(recipe)
+    lines += (['```yaml', text, '```'] if text else
+              ['_Not recorded. Fill in the train.py recipe (YAML) and command used to produce these weights._'])
+    lines += ['', '## Metrics', '', '| metric | value |', '|---|---|']
+    for key, label in METRIC_FIELDS.items():
+        value = metrics.pop(key, None)
+        lines.append(f"| {label} | {'—' if value is None else value} |")
+    lines += [f'| {k} | {v} |' for k, v in metrics.items()]
+    lines += ['', '## Usage', '', '```python', 'import timm', 'import timm_ddw  # registers the ddw_* models',
+              '', f"model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()",
+              'data_config = timm.data.resolve_model_data_config(model)',
+              'transform = timm.data.create_transform(**data_config, is_training=False)',
+              'with timm_ddw.capture_routing(model) as routing:  # optional: per-sample adjacency matrices',
+              '    logits = model(transform(image).unsqueeze(0))', '```', '', '## Citation']
+    for c in CITATIONS:
+        lines += ['```bibtex', c, '```']
+    return '\n'.join(lines) + '\n'
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix('.tmp')
+    save_file(tensors, str(tmp), metadata={'format': 'pt'})
+    os.replace(tmp, path)
+
+
+def export_folder(
+        model: nn.Module,
+        out_dir: PathLike,
+        model_args: Optional[Mapping[str, Any]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        recipe: Union[None, str, Path, Mapping[str, Any]] = None,
+        repo_id: Optional[str] = None,
+        tag: Optional[str] = None,
+        license: Optional[str] = None,
+        description: Optional[str] = None,
+) -> Path:
+    """Write a Hub-ready folder for ``model``: model.safetensors, config.json, README.md.
+
+    ``model_args`` adds or confirms constructor arguments (they are checked by rebuilding the
+    model); ``metrics`` (e.g. ``dict(top1=.., top5=.., dataset=.., img_size=..)``) and ``recipe``
+    (a train.py YAML path, its text or a dict) go into the model card. Weights are never pickled.
+    """
+    model = _unwrap(model)
+    config = hub_config(model, model_args, tag=tag, license=license, description=description)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_weights(model, out / WEIGHTS_NAME)
+    (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    (out / 'README.md').write_text(model_card(config, model, repo_id, metrics, recipe))
+    return out
+
+
+def _checkpoint_meta(path: Path) -> Dict[str, Any]:
+    """``arch`` and constructor arguments stored next to the weights in a train.py checkpoint."""
+    if path.suffix == '.safetensors':
+        return {}
+    from timm.models._helpers import _torch_load
+    ckpt = _torch_load(str(path), map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict):
+        return {}
+    meta: Dict[str, Any] = {'arch': ckpt.get('arch')}
+    args = ckpt.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    kwargs = dict(args.get('model_kwargs') or {}) if isinstance(args, dict) else {}
+    if isinstance(ckpt.get('model_args'), dict):
+        kwargs.update(ckpt['model_args'])
+    meta['model_args'] = kwargs
+    return meta
+
+
+def export_checkpoint(
+        checkpoint: PathLike,
+        out_dir: PathLike,
+        model_name: Optional[str] = None,
+        model_args: Optional[Mapping[str, Any]] = None,
+        use_ema: bool = True,
+        **card: Any,
+) -> Path:
+    """Export a train.py checkpoint (EMA weights preferred, as timm does) with :func:`export_folder`.
+
+    The model name defaults to the checkpoint's ``arch``; ``num_classes`` and ``in_chans``
+    default to the shapes of its classifier and first conv. The weights must fit exactly.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, load_state_dict
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint={str(path)!r} does not exist')
+    meta = _checkpoint_meta(path)
+    name = model_name or meta.get('arch')
+    if name not in TWINS:
+        raise ValueError(f'model {name!r} (from --model or the checkpoint\'s arch) is not one of {sorted(TWINS)}')
+    state_dict = load_state_dict(str(path), use_ema=use_ema)
+    args = dict(meta.get('model_args') or {})
+    args.update(model_args or {})
+    cfg = get_pretrained_cfg(name)
+    head, stem = f'{cfg.classifier}.weight', f'{cfg.first_conv}.weight'
+    if head in state_dict and 'num_classes' not in args:
+        args['num_classes'] = int(state_dict[head].shape[0])
+    if stem in state_dict and 'in_chans' not in args:
+        args['in_chans'] = int(state_dict[stem].shape[1])
+    model = timm.create_model(name, **args)
+    try:
+        load_checked(model, state_dict)
+    except DdwCheckpointError as e:
+        raise DdwCheckpointError(f'{path}: {e}') from None
+    return export_folder(model.eval(), out_dir, model_args=args, **card)
+
+
+def _check_folder(folder: Path) -> List[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f'folder={str(folder)!r} is not a directory')
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and '.cache' not in p.parts)
+    pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f'{folder} holds pickle files {pickles}; publish safetensors only (timm-ddw export)')
+    for required in (WEIGHTS_NAME, 'config.json'):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f'{folder} has no {required}; create the folder with `timm-ddw export`')
+    config = json.loads((folder / 'config.json').read_text())
+    if config.get('architecture') not in TWINS or 'model_args' not in config:
+        raise ValueError(f"{folder / 'config.json'} is not a DDW model config (architecture="
+                         f"{config.get('architecture')!r}, needs one of {sorted(TWINS)} and model_args)")
+    from safetensors import safe_open
+    with safe_open(str(folder / WEIGHTS_NAME), framework='pt') as f:  # fails on a truncated file
+        if not list(f.keys()):
+            raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
+    return files
+
+
+def push_folder(
+        folder: PathLike,
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        commit_message: str = 'Add DDW model (timm-ddw)',
+        dry_run: bool = False,
+) -> Dict[str, Any]:
+    """Upload an exported folder to the Hub model repo ``repo_id`` (created if missing).
+
+    The token is ``token`` or huggingface_hub's usual one (``HF_TOKEN``, ``huggingface-cli login``).
+    ``dry_run`` checks the folder and returns the plan without any network call.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    folder = Path(folder)
+    files = _check_folder(folder)
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"repo_id={repo_id!r} must be 'ORG/NAME'")
+    plan: Dict[str, Any] = dict(
+        repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
+        files=[str(p.relative_to(folder)) for p in files], token_found=bool(token or get_token()))
+    if dry_run:
+        return plan
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+    commit = api.upload_folder(
+        repo_id=repo.repo_id, folder_path=str(folder), repo_type='model', revision=revision,
+        create_pr=create_pr, commit_message=commit_message, ignore_patterns=['.cache/*'])
+    plan['url'] = getattr(commit, 'commit_url', None) or str(commit)
+    return plan
+
+
+def write_hub_configs(out_dir: PathLike = 'hub_configs') -> List[Path]:
+    """Write ``<out_dir>/<model>/config.json`` and ``README.md`` (card template) for all nine models."""
+    import timm
+
+    written = []
+    for name in TWINS:
+        model = timm.create_model(name, device='meta')
+        config = hub_config(model)
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for fname, text in (('config.json', json.dumps(config, indent=2) + '\n'),
+                            ('README.md', model_card(config, model))):
+            (folder / fname).write_text(text)
+            written.append(folder / fname)
+    return written
+
+
+def check_hub_configs(out_dir: PathLike = 'hub_configs') -> List[str]:
+    """Files under ``out_dir`` that differ from freshly generated ones (empty when in sync)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write_hub_configs(tmp)
+        stale = []
+        for path in fresh:
+            rel = path.relative_to(tmp)
+            committed = Path(out_dir) / rel
+            if not committed.is_file() or committed.read_text() != path.read_text():
+                stale.append(str(rel))
+    return stale
+
+
+def _json_arg(text: Optional[str], what: str) -> Dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (json.JSONDecodeError, OSError) as e:
+        raise SystemExit(f'{what} must be a JSON object or a JSON file: {e}') from None
+    if not isinstance(value, dict):
+        raise SystemExit(f'{what} must be a JSON object, got {value!r}')
+    return value
+
+
+def _user_errors(fn: Any) -> Any:
+    """Report bad input (missing files, mismatched checkpoints) as one line and exit code 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f'timm-ddw {args.command}: error: {e}', file=sys.stderr)
+            return 1
+    return run
+
+
+@_user_errors
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(
+        args.checkpoint, args.out_dir, model_name=args.model, model_args=_json_arg(args.model_args, '--model-args'),
+        use_ema=not args.no_ema, metrics=_json_arg(args.metrics, '--metrics'), recipe=args.recipe,
+        repo_id=args.repo_id, tag=args.tag, license=args.license)
+    print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+@_user_errors
+def _cmd_push(args: argparse.Namespace) -> int:
+    plan = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                       create_pr=args.create_pr, commit_message=args.commit_message, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: would upload {', '.join(plan['files'])} from {args.folder} to "
+              f"https://huggingface.co/{plan['repo_id']} (private={plan['private']}); "
+              f"token {'found' if plan['token_found'] else 'NOT found (set HF_TOKEN or run `hf auth login`)'}")
+    else:
+        print(f"uploaded to https://huggingface.co/{plan['repo_id']}: {plan['url']}")
+    return 0
+
+
+def _cmd_hub_configs(args: argparse.Namespace) -> int:
+    if args.check:
+        stale = check_hub_configs(args.out_dir)
+        if stale:
+            print(f"out of date under {args.out_dir}: {', '.join(stale)}; run `timm-ddw hub-configs {args.out_dir}`")
+            return 1
+        print(f'{args.out_dir} is up to date')
+        return 0
+    paths = write_hub_configs(args.out_dir)
+    print(f'wrote {len(paths)} files under {args.out_dir}')
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``export``, ``push`` and ``hub-configs`` subcommands to ``timm-ddw``."""
+    p = subparsers.add_parser('export', help='write a Hub-ready folder (safetensors, config.json, card) '
+                                             'from a train.py checkpoint')
+    p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar/.pth/.safetensors); EMA weights preferred')
+    p.add_argument('out_dir', help='folder to write')
+    p.add_argument('--model', default=None, help="ddw_* model name (default: the checkpoint's arch)")
+    p.add_argument('--model-args', default=None,
+                   help='JSON object (or file) of constructor arguments, e.g. \'{"wiring": "static"}\'')
+    p.add_argument('--no-ema', action='store_true', help='export the raw weights even if EMA weights exist')
+    p.add_argument('--metrics', default=None, help='JSON object (or file) for the card, e.g. \'{"top1": 77.1}\'')
+    p.add_argument('--recipe', default=None, help='train.py YAML recipe to quote in the card')
+    p.add_argument('--repo-id', default=None, help='ORG/NAME the card refers to')
+    p.add_argument('--tag', default=None, help='pretrained tag to record in config.json')
+    p.add_argument('--license', default=None, help="licence (default: the source weights' licence)")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser('push', help='upload an exported folder to the Hugging Face Hub')
+    p.add_argument('folder')
+    p.add_argument('repo_id', help='ORG/NAME (created if missing)')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--revision', default=None)
+    p.add_argument('--create-pr', action='store_true')
+    p.add_argument('--commit-message', default='Add DDW model (timm-ddw)')
+    p.add_argument('--dry-run', action='store_true', help='check the folder and print the plan; no network')
+    p.set_defaults(func=_cmd_push)
+
+    p = subparsers.add_parser('hub-configs', help='regenerate hub_configs/<model>/{config.json,README.md}')
+    p.add_argument('out_dir', nargs='?', default='hub_configs')
+    p.add_argument('--check', action='store_true', help='exit 1 if the files differ from freshly generated ones')
+    p.set_defaults(func=_cmd_hub_configs)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m timm_ddw.hub', description=__doc__.splitlines()[0])
+    register_cli(parser.add_subparsers(dest='command', required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,809 @@
+"""Routing statistics of DDW models: what the learned wiring looks like over a data set.
+
+The paper (section 4.5, Figs. 4 and 5) reads the mean and the standard deviation of every edge
+weight a_ij over the ImageNet validation set. :class:`RoutingStats` accumulates those (and the
+share of samples in which an edge is closed or a node removed, and per-class means) in a single
+pass whose memory does not grow with the number of samples; :func:`collect_routing` runs it over a
+data loader; ``timm-ddw routing`` does both from the command line and writes JSON, NPZ and PNGs.
+
+Every matrix follows :func:`timm_ddw.capture_routing`: ``M[j, i]`` is the statistic of edge i -> j
+(rows: a node's inputs, columns: its outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .capture import capture_routing, graph_stages
+
+__all__ = [
+    'RoutingStats', 'collect_routing', 'plot_stage_heatmaps', 'plot_class_differences', 'FashionMNIST',
+    'SCHEMA_VERSION', 'register_cli',
+]
+
+SCHEMA_VERSION = 1
+FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+_PLOTS_HINT = "matplotlib is needed for the routing figures: pip install 'timm-ddw[plots]'"
+
+Captured = Mapping[str, Union[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+class _StageAcc:
+    """Running sums of one stage, all float64 / int64 and of size N x N (x classes)."""
+
+    def __init__(self, edges: torch.Tensor, num_classes: int):
+        n = edges.shape[0]
+        self.edges = edges.bool().cpu()
+        self.count = 0
+        self.mean = torch.zeros(n, n, dtype=torch.float64)
+        self.m2 = torch.zeros(n, n, dtype=torch.float64)
+        self.closed = torch.zeros(n, n, dtype=torch.int64)
+        self.removed = torch.zeros(n, dtype=torch.int64)
+        self.class_sum = torch.zeros(num_classes, n, n, dtype=torch.float64)
+        self.class_count = torch.zeros(num_classes, dtype=torch.int64)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.edges.shape[0]
+
+    def grow_classes(self, num_classes: int) -> None:
+        extra = num_classes - self.class_count.shape[0]
+        if extra > 0:
+            n = self.num_nodes
+            self.class_sum = torch.cat([self.class_sum, torch.zeros(extra, n, n, dtype=torch.float64)])
+            self.class_count = torch.cat([self.class_count, torch.zeros(extra, dtype=torch.int64)])
+
+    def update(self, x: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        b = x.shape[0]
+        if b == 0:
+            return
+        # Chan et al.'s merge of two Welford states: exact in float64 for any batch split
+        batch_mean = x.mean(0)
+        batch_m2 = (x - batch_mean).square().sum(0)
+        total = self.count + b
+        delta = batch_mean - self.mean
+        self.mean += delta * (b / total)
+        self.m2 += batch_m2 + delta.square() * (self.count * b / total)
+        self.count = total
+
+        is_open = (x != 0) & self.edges
+        self.closed += (~is_open & self.edges).sum(0)
+        has_in, has_out = self.edges.any(1), self.edges.any(0)
+        no_input = ~is_open.any(2) & has_in     # node j: every existing input edge closed
+        no_output = ~is_open.any(1) & has_out   # node i: every existing output edge closed
+        self.removed += (no_input | no_output).sum(0)
+
+        if labels is not None:
+            self.class_sum.index_add_(0, labels, x)
+            self.class_count += torch.bincount(labels, minlength=self.class_count.shape[0])
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """Finished statistics; NaN where there is no edge (or no sample)."""
+        edges = self.edges.numpy()
+        nan = np.full(edges.shape, np.nan)
+        count = self.count
+        if count:
+            mean = np.where(edges, self.mean.numpy(), np.nan)
+            std = np.where(edges, np.sqrt(np.maximum(self.m2.numpy() / count, 0.0)), np.nan)
+            closed = np.where(edges, self.closed.numpy() / count, np.nan)
+            removed = self.removed.numpy() / count
+        else:
+            mean, std, closed = nan, nan.copy(), nan.copy()
+            removed = np.full(edges.shape[0], np.nan)
+        cc = self.class_count.numpy()
+        with np.errstate(invalid='ignore', divide='ignore'):
+            class_mean = self.class_sum.numpy() / cc[:, None, None]
+        class_mean = np.where(edges[None] & (cc[:, None, None] > 0), class_mean, np.nan)
+        return dict(
+            edges=edges, mean=mean, std=std, closed_share=closed, node_removed_share=removed,
+            class_mean=class_mean, class_count=cc)
+
+
+def _complete_edges(num_nodes: int) -> torch.Tensor:
+    return torch.ones(num_nodes, num_nodes, dtype=torch.bool).tril(-1)
+
+
+def _as_batch(name: str, value: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        parts = [value]
+    else:
+        parts = list(value)
+        if not parts:
+            raise ValueError(f'stage {name!r}: no captured matrices (was a forward run inside capture_routing?)')
+    for p in parts:
+        if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[1] != p.shape[2]:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f'stage {name!r}: expected B x N x N tensors, got {shape}')
+    return torch.cat([p.detach().to('cpu', torch.float64) for p in parts])
+
+
+def _edge_list(edges: np.ndarray) -> List[Tuple[int, int]]:
+    """(i, j) for every edge i -> j, ordered by target j then source i."""
+    return [(int(i), int(j)) for j, i in zip(*np.nonzero(edges), strict=True)]
+
+
+def _dumps(obj: Any, indent: str = '') -> str:
+    """JSON with one line per matrix row (lists of numbers stay on one line)."""
+    inner = indent + ' '
+    if isinstance(obj, dict):
+        if not obj:
+            return '{}'
+        items = [f'{inner}{json.dumps(str(k))}: {_dumps(v, inner)}' for k, v in obj.items()]
+        return '{\n' + ',\n'.join(items) + '\n' + indent + '}'
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return '[\n' + ',\n'.join(inner + _dumps(v, inner) for v in obj) + '\n' + indent + ']'
+    return json.dumps(obj, allow_nan=False)
+
+
+def _json_matrix(a: np.ndarray) -> Any:
+    return [_json_matrix(r) for r in a] if a.ndim > 1 else [None if not math.isfinite(v) else float(v) for v in a]
+
+
+class RoutingStats:
+    """Streaming per-stage, per-edge statistics of a DDW model's adjacency matrices.
+
+    Feed it the mapping from :func:`timm_ddw.capture_routing` with :meth:`update`, batch by batch.
+    ``edges`` maps a stage name to its N x N boolean edge mask (``M[j, i]``: edge i -> j exists);
+    a stage without a mask is taken as the complete DAG. Use :meth:`for_model` to read the masks
+    from the model, so that wirings with fewer edges (e.g. ``'chain'``) are judged correctly.
+    """
+
+    def __init__(
+            self,
+            edges: Optional[Mapping[str, Union[torch.Tensor, np.ndarray]]] = None,
+            num_classes: Optional[int] = None,
+            class_names: Optional[Sequence[str]] = None,
+            meta: Optional[Dict[str, Any]] = None,
+    ):
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f'num_classes={num_classes!r} must be a positive int or None')
+        self._masks = {k: torch.as_tensor(np.asarray(v)).bool() for k, v in (edges or {}).items()}
+        self._stages: Dict[str, _StageAcc] = {}
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+        self.meta: Dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs: Any) -> RoutingStats:
+        """Statistics with the edge masks (and wiring names) of ``model``'s graph stages."""
+        stages = graph_stages(model)
+        if not stages:
+            raise ValueError(f'{type(model).__name__} has no DDW graph stages')
+        masks = {}
+        for name, stage in stages.items():
+            n = len(stage.preds)
+            mask = torch.zeros(n, n, dtype=torch.bool)
+            for j, src in enumerate(stage.preds):
+                mask[j, src] = True
+            masks[name] = mask
+        stats = cls(edges=masks, **kwargs)
+        stats.meta.setdefault('wiring', {name: getattr(stage, 'wiring', None) for name, stage in stages.items()})
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
+        if arch:
+            stats.meta.setdefault('model', arch)
+        return stats
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, captured: Captured, labels: Optional[torch.Tensor] = None) -> None:
+        """Add one batch: ``{stage: B x N x N tensor or list of them}`` (lists are concatenated)."""
+        if not captured:
+            raise ValueError('captured is empty: expected {stage name: B x N x N tensor(s)}')
+        batches = {name: _as_batch(name, value) for name, value in captured.items()}
+        if self._stages and set(batches) != set(self._stages):
+            raise ValueError(f'stages {sorted(batches)} differ from the earlier updates {sorted(self._stages)}')
+        sizes = {name: x.shape[0] for name, x in batches.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f'every stage must hold the same samples, got batch sizes {sizes}')
+        batch = next(iter(sizes.values()))
+        if labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1).to('cpu', torch.int64)
+            if labels.shape[0] != batch:
+                raise ValueError(f'labels has {labels.shape[0]} entries for {batch} captured samples')
+            if batch and labels.min() < 0:
+                raise ValueError('labels must be non-negative class indices')
+            top = int(labels.max()) + 1 if batch else 0
+            if self.num_classes is not None and top > self.num_classes:
+                raise ValueError(f'label {top - 1} is out of range for num_classes={self.num_classes}')
+        for name, x in batches.items():
+            acc = self._stages.get(name)
+            if acc is None:
+                mask = self._masks.get(name, _complete_edges(x.shape[1]))
+                if mask.shape != x.shape[1:]:
+                    raise ValueError(f'stage {name!r}: edge mask {tuple(mask.shape)} does not fit {tuple(x.shape)}')
+                acc = self._stages[name] = _StageAcc(mask, self.num_classes or 0)
+            elif x.shape[1] != acc.num_nodes:
+                raise ValueError(f'stage {name!r}: {x.shape[1]} nodes, earlier updates had {acc.num_nodes}')
+            if labels is not None:
+                acc.grow_classes(max(self.num_classes or 0, top))
+            acc.update(x, labels)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def stage_names(self) -> List[str]:
+        return list(self._stages)
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self._stages.values())).count if self._stages else 0
+
+    @property
+    def has_classes(self) -> bool:
+        return any(int(a.class_count.sum()) > 0 for a in self._stages.values())
+
+    def stage(self, name: str) -> Dict[str, np.ndarray]:
+        """Arrays of one stage: edges, mean, std, closed_share, node_removed_share, class_mean, class_count.
+
+        ``std`` is the population standard deviation (ddof=0); non-edges are NaN.
+        """
+        if name not in self._stages:
+            raise KeyError(f'no stage {name!r}; stages: {self.stage_names}')
+        return self._stages[name].arrays()
+
+    def stage_summary(self, name: str) -> Dict[str, Any]:
+        """Scalars of one stage: means over its edges / nodes, strongest and most variable edge."""
+        s = self.stage(name)
+        edges = s['edges']
+        out: Dict[str, Any] = dict(num_nodes=int(edges.shape[0]), num_edges=int(edges.sum()))
+        if not self.num_samples or not edges.any():
+            return dict(out, mean_edge_weight=None, closed_share=None, nodes_removed_share=None,
+                        strongest_edge=None, most_variable_edge=None)
+        j, i = np.unravel_index(np.nanargmax(s['mean']), edges.shape)
+        vj, vi = np.unravel_index(np.nanargmax(s['std']), edges.shape)
+        return dict(
+            out,
+            mean_edge_weight=float(np.nanmean(s['mean'])),
+            closed_share=float(np.nanmean(s['closed_share'])),
+            nodes_removed_share=float(s['node_removed_share'].mean()),
+            strongest_edge={'from': int(i), 'to': int(j), 'mean': float(s['mean'][j, i])},
+            most_variable_edge={'from': int(vi), 'to': int(vj), 'std': float(s['std'][vj, vi])},
+        )
+
+    def text_summary(self) -> str:
+        """A few lines per stage for the console."""
+        head = f"{self.meta.get('model', 'model')}: routing over {self.num_samples} samples"
+        lines = [head]
+        for name in self.stage_names:
+            s = self.stage_summary(name)
+            if s['mean_edge_weight'] is None:
+                lines.append(f"  {name}: N={s['num_nodes']} nodes, {s['num_edges']} edges, no samples")
+                continue
+            st, mv = s['strongest_edge'], s['most_variable_edge']
+            lines.append(
+                f"  {name}: N={s['num_nodes']} nodes, {s['num_edges']} edges | mean a={s['mean_edge_weight']:.3f}"
+                f" | closed {100 * s['closed_share']:.1f}% | nodes removed {100 * s['nodes_removed_share']:.1f}%"
+                f" | strongest {st['from']}->{st['to']} ({st['mean']:.3f})"
+                f" | most variable {mv['from']}->{mv['to']} (std {mv['std']:.3f})")
+        return '\n'.join(lines)
+
+    def class_counts(self) -> Optional[np.ndarray]:
+        if not self.has_classes:
+            return None
+        return next(iter(self._stages.values())).class_count.numpy()
+
+    def to_json(self) -> Dict[str, Any]:
+        """The routing.json document (schema in README, "Routing analysis")."""
+        counts = self.class_counts()
+        stages = []
+        for name in self.stage_names:
+            s = self.stage(name)
+            summary = self.stage_summary(name)
+            stages.append(dict(
+                name=name,
+                num_nodes=summary.pop('num_nodes'),
+                num_edges=summary.pop('num_edges'),
+                summary=summary,
+                edges=[list(e) for e in _edge_list(s['edges'])],
+                mean=_json_matrix(s['mean']),
+                std=_json_matrix(s['std']),
+                closed_share=_json_matrix(s['closed_share']),
+                node_removed_share=_json_matrix(s['node_removed_share']),
+            ))
+        return dict(
+            schema='timm-ddw/routing',
+            schema_version=SCHEMA_VERSION,
+            num_samples=self.num_samples,
+            num_classes=None if counts is None else int(counts.shape[0]),
+            class_names=self.class_names if counts is not None else None,
+            class_count=None if counts is None else [int(c) for c in counts],
+            meta=self.meta,
+            stages=stages,
+        )
+
+    def compare(self, other: RoutingStats) -> Dict[str, Dict[str, float]]:
+        """Largest absolute differences per common stage (mean, std, closed share): for comparing runs."""
+        out = {}
+        for name in self.stage_names:
+            if name not in other.stage_names:
+                continue
+            a, b = self.stage(name), other.stage(name)
+            if a['edges'].shape != b['edges'].shape:
+                continue
+            out[name] = {k: float(np.nanmax(np.abs(a[k] - b[k]), initial=0.0))
+                         for k in ('mean', 'std', 'closed_share', 'node_removed_share')}
+        return out
+
+    # ------------------------------------------------------------------ files
+    def save(self, out_dir: Union[str, Path], plots: Optional[bool] = None) -> Dict[str, Path]:
+        """Write routing.json, routing.npz, summary.txt and (with matplotlib) the PNG figures.
+
+        plots: None draws the figures when matplotlib is installed (warning otherwise), True
+        requires it, False skips them. Returns {'json', 'npz', 'summary', 'mean_png', ...: path}.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = dict(json=out / 'routing.json', npz=out / 'routing.npz', summary=out / 'summary.txt')
+        with paths['json'].open('w') as f:
+            f.write(_dumps(self.to_json()) + '\n')
+        arrays: Dict[str, np.ndarray] = {'stage_names': np.array(self.stage_names)}
+        for name, acc in self._stages.items():
+            s = acc.arrays()
+            for key in ('edges', 'mean', 'std', 'closed_share', 'node_removed_share', 'class_mean', 'class_count'):
+                arrays[f'{name}/{key}'] = s[key]
+            arrays[f'{name}/_count'] = np.array(acc.count)
+            arrays[f'{name}/_mean'] = acc.mean.numpy()
+            arrays[f'{name}/_m2'] = acc.m2.numpy()
+            arrays[f'{name}/_closed'] = acc.closed.numpy()
+            arrays[f'{name}/_removed'] = acc.removed.numpy()
+            arrays[f'{name}/_class_sum'] = acc.class_sum.numpy()
+        np.savez_compressed(paths['npz'], **arrays)
+        paths['summary'].write_text(self.text_summary() + '\n')
+        if plots is False:
+            return paths
+        try:
+            _require_matplotlib()
+        except ImportError:
+            if plots:
+                raise
+            warnings.warn(f'{_PLOTS_HINT}; skipping the PNG figures', stacklevel=2)
+            return paths
+        figures = dict(mean_png=('mean', 'routing_mean.png'), std_png=('std', 'routing_std.png'),
+                       closed_png=('closed_share', 'routing_closed.png'))
+        for key, (which, file) in figures.items():
+            _save_figure(plot_stage_heatmaps(self, which), out / file)
+            paths[key] = out / file
+        if self.has_classes:
+            _save_figure(plot_class_differences(self), out / 'routing_class_diff.png')
+            paths['class_diff_png'] = out / 'routing_class_diff.png'
+        return paths
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> RoutingStats:
+        """Read what :meth:`save` wrote (a directory, routing.json or routing.npz); updates may continue."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        npz, js = folder / 'routing.npz', folder / 'routing.json'
+        if not npz.is_file() or not js.is_file():
+            raise FileNotFoundError(f'{folder} must hold routing.json and routing.npz written by RoutingStats.save')
+        doc = json.loads(js.read_text())
+        if doc.get('schema') != 'timm-ddw/routing' or doc.get('schema_version', 0) > SCHEMA_VERSION:
+            raise ValueError(f"{js}: schema {doc.get('schema')!r} v{doc.get('schema_version')} is not "
+                             f"timm-ddw/routing v<={SCHEMA_VERSION}")
+        stats = cls(num_classes=doc.get('num_classes'), class_names=doc.get('class_names'), meta=doc.get('meta'))
+        with np.load(npz) as z:
+            for name in [str(n) for n in z['stage_names']]:
+                edges = torch.from_numpy(z[f'{name}/edges'])
+                class_sum = torch.from_numpy(z[f'{name}/_class_sum'])
+                acc = _StageAcc(edges, class_sum.shape[0])
+                acc.count = int(z[f'{name}/_count'])
+                acc.mean = torch.from_numpy(z[f'{name}/_mean']).clone()
+                acc.m2 = torch.from_numpy(z[f'{name}/_m2']).clone()
+                acc.closed = torch.from_numpy(z[f'{name}/_closed']).clone()
+                acc.removed = torch.from_numpy(z[f'{name}/_removed']).clone()
+                acc.class_sum = class_sum.clone()
+                acc.class_count = torch.from_numpy(z[f'{name}/class_count']).clone()
+                stats._stages[name] = acc
+                stats._masks[name] = acc.edges
+        return stats
+
+
+# ---------------------------------------------------------------------- collection
+@torch.no_grad()
+def collect_routing(
+        model: nn.Module,
+        loader: Iterable[Any],
+        device: Union[str, torch.device] = 'cpu',
+        max_batches: Optional[int] = None,
+        progress: bool = True,
+        num_classes: Optional[int] = None,
+) -> RoutingStats:
+    """Run ``model`` (in eval mode) over ``loader`` and accumulate its routing.
+
+    A batch is an image tensor or a tuple/list whose first item is the images and whose second,
+    when present, holds integer class labels (used for per-class means).
+    """
+    from tqdm import tqdm
+
+    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+        raise ValueError(f'max_batches={max_batches!r} must be a positive int or None')
+    stats = RoutingStats.for_model(model, num_classes=num_classes)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        total = len(loader) if hasattr(loader, '__len__') else None
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    try:
+        with capture_routing(model) as captured:
+            bar = tqdm(loader, total=total, disable=not progress, unit='batch', desc='routing', file=sys.stderr)
+            for step, batch in enumerate(bar):
+                if max_batches is not None and step >= max_batches:
+                    break
+                labels = None
+                if isinstance(batch, (tuple, list)):
+                    images = batch[0]
+                    if len(batch) > 1 and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point():
+                        labels = batch[1]
+                else:
+                    images = batch
+                if not isinstance(images, torch.Tensor):
+                    raise TypeError(f'loader batches must be image tensors or (images, labels), got {type(images)}')
+                model(images.to(device))
+                stats.update(captured, labels)
+                for v in captured.values():
+                    v.clear()
+            bar.close()
+    finally:
+        model.train(was_training)
+    return stats
+
+
+# ---------------------------------------------------------------------- figures
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError(_PLOTS_HINT) from e
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout='constrained')
+    FigureCanvasAgg(fig)  # Agg canvas: no display, no global pyplot state
+    return fig
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=fig.dpi)
+
+
+def _node_ticks(ax, n: int, outer_x: bool = True, outer_y: bool = True, fontsize: float = 8) -> None:
+    """Label a cropped heatmap: columns are sending nodes 0..n-2, rows receiving nodes 1..n-1."""
+    step = 1 if n <= 17 else 2
+    cols = [i for i in range(n - 1) if i % step == 0]
+    rows = [j for j in range(1, n) if j % step == 0 or j == n - 1]
+    xl = [f'{i}\nin' if i == 0 else str(i) for i in cols]
+    yl = [f'out {j}' if j == n - 1 else str(j) for j in rows]
+    ax.set_xticks(cols, xl if outer_x else [''] * len(cols), fontsize=fontsize)
+    ax.set_yticks([j - 1 for j in rows], yl if outer_y else [''] * len(rows), fontsize=fontsize)
+
+
+def _heatmap(ax, data: np.ndarray, cmap, vmin: float, vmax: float, annotate: bool):
+    """Draw ``data[j, i]`` without row 0 and column N-1, which never hold an edge (node 0 has no
+    inputs, the output node no outputs)."""
+    data = data[1:, :-1]
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, interpolation='nearest')
+    if annotate:
+        mid = (vmin + vmax) / 2
+        for (j, i), v in np.ndenumerate(data):
+            if math.isfinite(v):
+                dark = v > mid if vmin >= 0 else abs(v) > 0.6 * vmax
+                ax.text(i, j, f'{v:.2f}', ha='center', va='center', fontsize=7, color='white' if dark else 'black')
+    return im
+
+
+_WHICH = dict(  # title (with {n} samples), colour bar label
+    mean=('mean edge weight over {n} samples', 'mean of a_ij'),
+    std=('standard deviation of each edge weight across {n} samples', 'std of a_ij'),
+    closed_share=('share of {n} samples in which each edge is closed (a_ij = 0)', 'share closed'),
+)
+
+
+def plot_stage_heatmaps(stats: RoutingStats, which: str = 'mean'):
+    """One heatmap per stage of ``which`` ('mean': paper Fig. 4, 'std': Fig. 5, 'closed_share').
+
+    Returns a matplotlib Figure (Agg canvas) with one image axis per stage and a shared colour bar;
+    rows are receiving nodes j, columns sending nodes i, grey cells have no edge.
+    """
+    _require_matplotlib()
+    import matplotlib
+
+    if which not in _WHICH:
+        raise ValueError(f'which={which!r} is not one of {tuple(_WHICH)}')
+    names = stats.stage_names
+    if not names:
+        raise ValueError('no statistics yet: call update() or collect_routing() first')
+    data = [stats.stage(n)[which] for n in names]
+    biggest = max(d.shape[0] for d in data)
+    if which == 'std':
+        vmax = max([float(np.nanmax(d)) for d in data if np.isfinite(d).any()] + [1e-6])
+        cmap = matplotlib.colormaps['Blues']
+    else:
+        vmax = 1.0
+        cmap = matplotlib.colormaps['Blues' if which == 'mean' else 'Reds']
+    cmap = cmap.with_extremes(bad='0.85')
+    side = max(2.6, 0.26 * biggest)
+    fig = _new_figure(side * len(names) + 1.2, side + 1.0)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    im = None
+    for k, (ax, name, d) in enumerate(zip(axes, names, data, strict=True)):
+        im = _heatmap(ax, d, cmap, 0.0, vmax, annotate=d.shape[0] <= 10)
+        _node_ticks(ax, d.shape[0], outer_y=True)
+        ax.set_title(f'{name} (N={d.shape[0]})', fontsize=10)
+        ax.set_xlabel('from node i', fontsize=8)
+        if k == 0:
+            ax.set_ylabel('to node j', fontsize=8)
+    fig.colorbar(im, ax=list(axes), shrink=0.85, label=_WHICH[which][1])
+    model = stats.meta.get('model', 'model')
+    fig.suptitle(f'{model}: ' + _WHICH[which][0].format(n=stats.num_samples), fontsize=11)
+    return fig
+
+
+def plot_class_differences(stats: RoutingStats, max_classes: int = 10):
+    """Per-class mean minus overall mean, one row per class and one column per stage.
+
+    With more than ``max_classes`` classes, the classes that deviate most (largest mean absolute
+    difference over all edges) are shown, in class order. Returns a matplotlib Figure.
+    """
+    _require_matplotlib()
+    import matplotlib
+
+    counts = stats.class_counts()
+    if counts is None:
+        raise ValueError('no per-class statistics: pass labels to update() / a labelled loader')
+    names = stats.stage_names
+    diffs = [stats.stage(n)['class_mean'] - stats.stage(n)['mean'][None] for n in names]
+    present = np.nonzero(counts > 0)[0]
+    score = np.array([np.nanmean(np.concatenate([np.abs(d[c]).ravel() for d in diffs])) for c in present])
+    shown = sorted(present[np.argsort(-score, kind='stable')[:max_classes]].tolist())
+    vmax = max([float(np.nanmax(np.abs(d[shown]))) for d in diffs if np.isfinite(d[shown]).any()] + [1e-6])
+    cmap = matplotlib.colormaps['RdBu_r'].with_extremes(bad='0.85')
+    biggest = max(d.shape[1] for d in diffs)
+    side = max(1.9, 0.2 * biggest)
+    fig = _new_figure(side * len(names) + 1.6, side * len(shown) + 1.0)
+    axes = fig.subplots(len(shown), len(names), squeeze=False)
+    im = None
+    labels = stats.class_names or []
+    for r, c in enumerate(shown):
+        label = labels[c] if c < len(labels) else f'class {c}'
+        for k, name in enumerate(names):
+            ax = axes[r, k]
+            d = diffs[k][c]
+            im = _heatmap(ax, d, cmap, -vmax, vmax, annotate=False)
+            _node_ticks(ax, d.shape[0], outer_x=r == len(shown) - 1, outer_y=k == 0, fontsize=6)
+            if r == 0:
+                ax.set_title(f'{name} (N={d.shape[0]})', fontsize=9)
+            if k == 0:
+                ax.set_ylabel(f'{label}\n(n={int(counts[c])})', fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label='class mean - overall mean of a_ij')
+    model = stats.meta.get('model', 'model')
+    extra = f' ({len(shown)} of {len(present)} classes)' if len(shown) < len(present) else ''
+    fig.suptitle(f'{model}: per-class mean edge weight minus overall mean{extra}\n'
+                 'rows: to node j, columns: from node i', fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------- data
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzip-compressed, as a uint8 array."""
+    with gzip.open(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f'{path} is not a uint8 IDX file')
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], 'big') for k in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST from its IDX .gz files, as PIL images in ``mode`` ('L' or 'RGB') for timm transforms."""
+
+    def __init__(self, split: str = 'test', root: Union[str, Path] = FASHION_MNIST_DIR, transform=None,
+                 mode: str = 'L'):
+        if split not in ('train', 'test'):
+            raise ValueError(f"split={split!r} is not one of ('train', 'test')")
+        prefix = 'train' if split == 'train' else 't10k'
+        root = Path(root)
+        images, labels = root / f'{prefix}-images-idx3-ubyte.gz', root / f'{prefix}-labels-idx1-ubyte.gz'
+        if not images.is_file() or not labels.is_file():
+            raise FileNotFoundError(
+                f'Fashion-MNIST not found in {root} (expected {images.name}, {labels.name}); on Debian: '
+                'apt-get install dataset-fashion-mnist')
+        self.images = _read_idx(images)
+        self.labels = _read_idx(labels).astype(np.int64)
+        self.transform = transform
+        self.mode = mode
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[index], 'L')
+        if self.mode != 'L':
+            img = img.convert(self.mode)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+# ---------------------------------------------------------------------- command line
+class CliError(Exception):
+    """A user error in ``timm-ddw routing`` arguments: printed without a traceback."""
+
+
+def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
+    import timm
+    from timm.models import get_pretrained_cfg, load_checkpoint
+
+    ddw_models = timm.list_models('ddw_*')
+    if not timm.is_model(args.model):
+        raise CliError(f'--model {args.model!r} is not a known timm model; DDW models: {", ".join(ddw_models)}')
+    kwargs: Dict[str, Any] = {}
+    pretrained_cfg = None
+    info: Dict[str, Any] = dict(model=args.model)
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+        if not ckpt.is_file():
+            raise CliError(f'--checkpoint {str(ckpt)!r}: no such file')
+        info['checkpoint'] = str(ckpt)
+        config = ckpt.parent / 'config.json'
+        if config.is_file():
+            from timm.models._hub import load_model_config_from_path
+
+            try:
+                pretrained_cfg, arch, kwargs = load_model_config_from_path(ckpt.parent)
+            except (KeyError, ValueError) as e:
+                raise CliError(f'{config}: not a timm model config ({e!r})') from e
+            if arch != args.model:
+                raise CliError(f'--model {args.model!r} differs from {config}\'s architecture {arch!r}')
+            kwargs = dict(kwargs)
+            info['config'] = str(config)
+    elif args.pretrained:
+        cfg = get_pretrained_cfg(args.model)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
+            raise CliError(f'--pretrained: timm has no pretrained weights for {args.model!r}; use --checkpoint FILE')
+        info['pretrained'] = True
+    kwargs.update(args.model_kwargs or {})
+    info['model_kwargs'] = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+    except TypeError as e:
+        raise CliError(f'--model-kwargs {kwargs}: {e}') from e
+    if not graph_stages(model):
+        raise CliError(f'--model {args.model!r} has no DDW graph stages; DDW models: {", ".join(ddw_models)}')
+    if args.checkpoint is not None:
+        try:
+            load_checkpoint(model, str(args.checkpoint), use_ema=args.use_ema, strict=True)
+        except Exception as e:  # a wrong file or a wrong model: say which, keep the reason
+            reason = str(e).strip().splitlines()
+            raise CliError(
+                f'--checkpoint {args.checkpoint!r} does not load into {args.model} with {kwargs or "default kwargs"}: '
+                f'{reason[0] if reason else type(e).__name__} ... (set --model-kwargs, e.g. num_classes=10 in_chans=1, '
+                'or put the config.json saved with the checkpoint next to it)') from e
+    return model, info
+
+
+def _build_dataset(args: argparse.Namespace, transform, in_chans: int):
+    if in_chans not in (1, 3):
+        raise CliError(f'the model takes {in_chans} input channels; images can be fed as 1 (L) or 3 (RGB)')
+    mode = 'L' if in_chans == 1 else 'RGB'
+    if args.data == 'fashion-mnist':
+        try:
+            ds = FashionMNIST(args.split, transform=transform, mode=mode)
+        except FileNotFoundError as e:
+            raise CliError(f'--data fashion-mnist: {e}') from e
+        return ds, ds.classes, f'fashion-mnist ({args.split})'
+    root = Path(args.data)
+    if not root.is_dir():
+        raise CliError(f"--data {args.data!r} is neither 'fashion-mnist' nor an existing folder of images")
+    from timm.data import ImageDataset
+
+    try:
+        ds = ImageDataset(str(root), transform=transform, input_img_mode=mode)
+    except RuntimeError as e:
+        raise CliError(f'--data {args.data!r}: {e}') from e
+    if len(ds) == 0:
+        raise CliError(f'--data {args.data!r}: no images found (expects image files, e.g. .jpg/.png, '
+                       'optionally in one sub-folder per class)')
+    class_to_idx = getattr(ds.reader, 'class_to_idx', None) or {}
+    classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    return ds, classes, str(root)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    try:
+        return _routing_command(args)
+    except CliError as e:
+        print(f'timm-ddw routing: error: {e}', file=sys.stderr)
+        return 2
+
+
+def _routing_command(args: argparse.Namespace) -> int:
+    import timm
+    from timm.data import create_transform, resolve_input_data_config
+
+    from . import __version__
+
+    for flag, value in (('--batch-size', args.batch_size), ('--limit', args.limit), ('--img-size', args.img_size)):
+        if value is not None and value < 1:
+            raise CliError(f'{flag} {value}: must be a positive integer')
+    if args.workers < 0:
+        raise CliError(f'--workers {args.workers}: must be >= 0')
+    if args.data != 'fashion-mnist' and not Path(args.data).is_dir():
+        raise CliError(f"--data {args.data!r} is neither 'fashion-mnist' nor an existing folder of images")
+    model, info = _load_model(args)
+    data_args = {'img_size': args.img_size} if args.img_size else {}
+    try:
+        data_config = resolve_input_data_config(model, args=data_args)
+    except ValueError as e:
+        raise CliError(f'--img-size {args.img_size}: {e}') from e
+    transform = create_transform(**data_config)
+    dataset, classes, data_name = _build_dataset(args, transform, data_config['input_size'][0])
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(args.limit))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    stats = collect_routing(model, loader, device=args.device, progress=not args.no_progress,
+                            num_classes=len(classes) or None)
+    stats.class_names = classes or None
+    stats.meta.update(info)
+    stats.meta.update(
+        data=data_name, num_samples=stats.num_samples, input_size=list(data_config['input_size']),
+        mean=list(data_config['mean']), std=list(data_config['std']), crop_pct=data_config['crop_pct'],
+        interpolation=data_config['interpolation'], timm_version=timm.__version__, timm_ddw_version=__version__)
+    paths = stats.save(args.out, plots=False if args.no_plots else None)
+    print(stats.text_summary())
+    print('wrote ' + ', '.join(str(p) for p in paths.values()))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``timm-ddw routing``."""
+    from timm.utils.misc import ParseKwargs
+
+    p = subparsers.add_parser(
+        'routing', help='routing statistics and heatmaps of a DDW model over a data set',
+        description='Run a DDW model over images and write per-stage edge statistics (routing.json, routing.npz, '
+                    'summary.txt) and heatmaps (PNG, needs matplotlib) to --out. Preprocessing is timm\'s data '
+                    'config and eval transform for the model.')
+    p.add_argument('--model', required=True, help='timm model name, e.g. ddw_resnet18')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--checkpoint', metavar='FILE',
+                     help='weights: .safetensors or a torch checkpoint (state_dict / state_dict_ema keys as timm '
+                          'saves them); a config.json next to it (timm hub format) sets the model kwargs')
+    src.add_argument('--pretrained', action='store_true', help="timm's pretrained weights for --model")
+    p.add_argument('--data', required=True, metavar='PATH|fashion-mnist',
+                   help='an image folder (one sub-folder per class) or fashion-mnist (the installed IDX files)')
+    p.add_argument('--out', required=True, metavar='DIR', help='output folder')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='model constructor kwargs, e.g. num_classes=10 in_chans=1 wiring=dynamic '
+                        '(override config.json)')
+    p.add_argument('--use-ema', action='store_true', help="use the checkpoint's state_dict_ema when present")
+    p.add_argument('--split', default='test', choices=('train', 'test'), help='fashion-mnist split (default test)')
+    p.add_argument('--limit', type=int, default=None, metavar='N', help='use only the first N samples')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--img-size', type=int, default=None, help="input size (default: the model's data config)")
+    p.add_argument('--workers', type=int, default=2, help='data loader workers')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--no-plots', action='store_true', help='write no PNG figures')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.set_defaults(func=_run_cli)
