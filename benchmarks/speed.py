@@ -1,12 +1,15 @@
 """Training-step and inference throughput and peak memory: DDW model vs its timm twin, side by side.
 
-Three variants run interleaved in one process, several alternating rounds (the order rotates every
+The variants run interleaved in one process, several alternating rounds (the order rotates every
 round), so machine noise hits all of them alike:
-  static    timm's twin (e.g. resnet50)
-  ddw       the DDW model with the library's ``timm_ddw.graph.weighted_sum``
-  ddw-loop  the same DDW model with a plain per-edge loop swapped in for the weighted sums
-            (``timm_ddw.graph.weighted_sum_loop`` if the library has one, else ``loop_weighted_sum``
-            below: one multiply and one add per edge), the reference point for the aggregation cost.
+  static     timm's twin (e.g. resnet50)
+  ddw        the DDW model as the library runs it (in eager training: the feature buffer)
+  ddw-nobuf  the same DDW model without the feature buffer (``stage.use_buffer = False``): the
+             library's ``timm_ddw.graph.weighted_sum`` under plain autograd; only where stages have
+             ``use_buffer``
+  ddw-loop   the same DDW model without the buffer and with a plain per-edge loop swapped in for
+             the weighted sums (``timm_ddw.graph.weighted_sum_loop`` if the library has one, else
+             ``loop_weighted_sum`` below: one multiply and one add per edge), the reference point.
 Ratios are DDW/static: the median over rounds of each round's ratio, with min and max.
 
 Peak memory of one training step (and of one inference batch):
@@ -46,7 +49,7 @@ from timm_ddw.models import efficientnet, regnet, resnet
 
 HERE = Path(__file__).resolve().parent
 TWINS: Dict[str, str] = {**resnet._TWINS, **efficientnet._TWINS, **regnet._TWINS}
-VARIANTS = ('static', 'ddw', 'ddw-loop')
+VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop')
 MODES = ('train', 'infer')
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -66,13 +69,22 @@ REFERENCE_WEIGHTED_SUM: Callable = getattr(graph, 'weighted_sum_loop', loop_weig
 
 
 @contextlib.contextmanager
-def weighted_sum_of(variant: str):
-    """Swap the reference loop into the graph stages for 'ddw-loop' (looked up at call time)."""
+def variant_setup(variant: str, model: Optional[nn.Module] = None):
+    """Configure the graph stages for a variant; the stage looks ``weighted_sum`` up at call time."""
+    stages = [] if model is None else [m for m in model.modules() if isinstance(m, graph.GraphStage)]
+    saved = [getattr(m, 'use_buffer', None) for m in stages]
+    if variant in ('ddw-nobuf', 'ddw-loop'):
+        for m in stages:
+            if hasattr(m, 'use_buffer'):
+                m.use_buffer = False
     graph.weighted_sum = REFERENCE_WEIGHTED_SUM if variant == 'ddw-loop' else LIBRARY_WEIGHTED_SUM
     try:
         yield
     finally:
         graph.weighted_sum = LIBRARY_WEIGHTED_SUM
+        for m, value in zip(stages, saved, strict=True):
+            if value is not None:
+                m.use_buffer = value
 
 
 class Bench:
@@ -126,7 +138,7 @@ def _sync(device: torch.device) -> None:
 
 
 def throughput(bench: Bench, mode: str, variant: str, steps: int, warmup: int) -> float:
-    with weighted_sum_of(variant):
+    with variant_setup(variant, bench.model):
         for _ in range(warmup):
             bench.step(mode)
         _sync(bench.device)
@@ -139,7 +151,7 @@ def throughput(bench: Bench, mode: str, variant: str, steps: int, warmup: int) -
 
 
 def cuda_peak_mib(bench: Bench, mode: str, variant: str) -> float:
-    with weighted_sum_of(variant):
+    with variant_setup(variant, bench.model):
         bench.step(mode)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -161,7 +173,7 @@ def cpu_peak_child(args: argparse.Namespace) -> Dict[str, float]:
     base_kb = _proc_status_kb('VmRSS')
     name = TWINS[args.model] if variant == 'static' else args.model
     bench = Bench(name, args, torch.device('cpu'))
-    with weighted_sum_of(variant):
+    with variant_setup(variant, bench.model):
         bench.step(mode)
         Path('/proc/self/clear_refs').write_text('5')
         before_kb = _proc_status_kb('VmRSS')
@@ -199,6 +211,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (cuda when present)")
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
+                   help='variants to run (static is always run: the ratios need it)')
     p.add_argument('--no-reference', action='store_true', help='skip the ddw-loop reference variant')
     p.add_argument('--no-memory', action='store_true')
     p.add_argument('--json', default=None, help='default: benchmarks/results/speed_<device>_<model>_....json')
@@ -229,10 +243,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     device = torch.device('cuda' if args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
                           else 'cpu')
-    variants = [v for v in VARIANTS if not (args.no_reference and v == 'ddw-loop')]
     twin = TWINS[args.model]
     benches = {'static': Bench(twin, args, device), 'ddw': Bench(args.model, args, device)}
-    benches['ddw-loop'] = benches['ddw']  # same model and weights, other weighted_sum
+    has_buffer = any(hasattr(m, 'use_buffer') for m in benches['ddw'].model.modules())
+    variants = [v for v in VARIANTS if v == 'static' or (
+        v in args.variants and not (args.no_reference and v == 'ddw-loop') and (has_buffer or v != 'ddw-nobuf'))]
+    for v in variants[1:]:
+        benches[v] = benches['ddw']  # same model and weights, configured by variant_setup
     ref_name = getattr(REFERENCE_WEIGHTED_SUM, '__module__', '') + '.' + REFERENCE_WEIGHTED_SUM.__name__
     print(f'{args.model} vs {twin} on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
           f'{args.img_size}px, amp={args.amp_dtype}, channels_last={args.channels_last}, compile={args.compile}; '
@@ -269,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else 'fresh subprocess, VmHWM after clear_refs, minus RSS after imports, MALLOC_MMAP_THRESHOLD_=65536',
         throughput={}, ratios={}, memory=memory, memory_ratios={})
     print()
-    print(f'{"mode":6} {"variant":9} {"img/s median":>13} {"min-max":>15} {"ratio/static":>13} {"ratio min-max":>14}'
+    print(f'{"mode":6} {"variant":10} {"img/s median":>13} {"min-max":>15} {"ratio/static":>13} {"ratio min-max":>14}'
           f' {"peak MiB":>9} {"mem ratio":>9}')
     for mode in args.modes:
         results['throughput'][mode] = {v: _stats(tput[mode][v]) for v in variants}
@@ -282,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             mem = memory.get(mode, {}).get(v, {}).get('peak_mib')
             mem_ratio = None if mem is None else mem / memory[mode]['static']['peak_mib']
             results['memory_ratios'][mode][v] = mem_ratio
-            print(f'{mode:6} {v:9} {s["median"]:13.1f} {s["min"]:7.1f}-{s["max"]:<7.1f} {ratio["median"]:13.3f} '
+            print(f'{mode:6} {v:10} {s["median"]:13.1f} {s["min"]:7.1f}-{s["max"]:<7.1f} {ratio["median"]:13.3f} '
                   f'{ratio["min"]:6.3f}-{ratio["max"]:<7.3f} {"-" if mem is None else f"{mem:9.0f}":>9} '
                   f'{"-" if mem_ratio is None else f"{mem_ratio:9.3f}":>9}')
     print(f'\nratio = DDW img/s / static img/s, per round (median, min-max over {args.rounds} rounds); '

@@ -3,8 +3,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
+import timm_ddw
 import timm_ddw.graph as graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,16 @@ def test_speed_reference_loop_matches_library():
     expected = sum(w[:, k].view(3, 1, 1, 1) * xs[k] for k in range(4))
     torch.testing.assert_close(speed.loop_weighted_sum(xs, w), expected)
     torch.testing.assert_close(graph.weighted_sum(xs, w), expected)
-    with speed.weighted_sum_of('ddw-loop'):
-        assert graph.weighted_sum is speed.REFERENCE_WEIGHTED_SUM
+    model = timm.create_model('ddw_resnet18', device='meta')
+    stages = list(timm_ddw.graph_stages(model).values())
+    buffered = [getattr(m, 'use_buffer', None) for m in stages]
+    for variant, fn in [('ddw', speed.LIBRARY_WEIGHTED_SUM), ('ddw-nobuf', speed.LIBRARY_WEIGHTED_SUM),
+                        ('ddw-loop', speed.REFERENCE_WEIGHTED_SUM)]:
+        with speed.variant_setup(variant, model):
+            assert graph.weighted_sum is fn
+            if variant != 'ddw':  # the per-edge paths must not go through the feature buffer
+                assert not any(getattr(m, 'use_buffer', False) for m in stages)
+            else:
+                assert [getattr(m, 'use_buffer', None) for m in stages] == buffered
     assert graph.weighted_sum is speed.LIBRARY_WEIGHTED_SUM
+    assert [getattr(m, 'use_buffer', None) for m in stages] == buffered
