@@ -688,6 +688,10 @@ def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
         raise CliError(f'--model-kwargs {kwargs}: {e}') from e
+    except (OSError, RuntimeError) as e:  # weights that cannot be downloaded or do not fit
+        if not args.pretrained:
+            raise
+        raise CliError(f'--pretrained: could not load the weights of {args.model}: {e}') from e
     if not graph_stages(model):
         raise CliError(f'--model {args.model!r} has no DDW graph stages; DDW models: {", ".join(ddw_models)}')
     if args.checkpoint is not None:
