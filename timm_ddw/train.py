@@ -57,7 +57,7 @@ MISSING_DATA = (
 
 # the main job's defaults: about 10 minutes on 2 CPU cores (see README, "Training")
 DEFAULTS = dict(
-    model='ddw_resnet18', img_size=32, epochs=3, batch_size=128, train_subset=20000, val_subset=0,
+    model='ddw_resnet18', img_size=32, epochs=3, batch_size=128, train_subset=0, val_subset=0,
     lr=0.1, momentum=0.9, weight_decay=5e-4, smoothing=0.1, warmup_steps=50, workers=0, max_steps=0)
 # --quick: a smoke run for CI, seconds on a CPU
 QUICK = dict(epochs=1, batch_size=32, train_subset=256, val_subset=256, max_steps=8, warmup_steps=0)
