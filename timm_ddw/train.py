@@ -288,8 +288,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     train_ds = _subset(train_ds, args.train_subset, args.seed)
     val_ds = _subset(val_ds, args.val_subset, args.seed + 1)
 
-    model_args = dict(wiring=args.wiring, router_bias=args.router_bias, threshold_init=args.threshold_init,
-                      gate=args.gate)
+    model_args = dict(DDW_DEFAULTS, wiring=args.wiring, router_bias=args.router_bias,
+                      threshold_init=args.threshold_init, gate=args.gate)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans, **model_args)
     if not graph_stages(model):
         raise ValueError(f'--model {args.model}: not a DDW model (choose one of {timm.list_models("ddw_*")})')
