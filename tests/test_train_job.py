@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import timm_ddw
+from timm_ddw import data
 from timm_ddw import train as job
 
-HAVE_FMNIST = (Path(job.FASHION_MNIST_DIR) / 'train-images-idx3-ubyte.gz').is_file()
+HAVE_FMNIST = (Path(data.FASHION_MNIST_DIR) / 'train-images-idx3-ubyte.gz').is_file()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason='apt-get install -y dataset-fashion-mnist')
 
 
@@ -34,10 +35,10 @@ def write_idx(path, array):
 def test_read_idx_roundtrip_and_errors(tmp_path):
     a = np.random.default_rng(0).integers(0, 256, (5, 7, 3))
     write_idx(tmp_path / 'x.gz', a)
-    np.testing.assert_array_equal(job.read_idx(tmp_path / 'x.gz'), a)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / 'x.gz'), a)
     (tmp_path / 'bad').write_bytes(b'\x00\x00\x0d\x01' + b'\x00' * 8)
     with pytest.raises(ValueError, match='not a uint8 IDX file'):
-        job.read_idx(tmp_path / 'bad')
+        data.read_idx(tmp_path / 'bad')
 
 
 def test_missing_data_set_names_apt_and_data_flag(tmp_path, capsys):
@@ -65,7 +66,9 @@ def test_quick_run_writes_report(quick_run):
     assert len(metrics['history']) == metrics['epochs'] == 1
     h = metrics['history'][0]
     assert h['train_img_per_s'] > 0 and h['val_img_per_s'] > 0 and np.isfinite(h['train_loss'])
-    assert set(routing) == {'layer1', 'layer2', 'layer3', 'layer4'}
+    assert [st['name'] for st in routing['stages']] == ['layer1', 'layer2', 'layer3', 'layer4']
+    assert routing['num_samples'] == 256 and routing['class_names'][0] == 'T-shirt/top'
+    assert {'routing.npz', 'summary.txt', 'routing_mean.png', 'routing_std.png'} <= {p.name for p in out.iterdir()}
 
 
 @needs_fmnist
@@ -75,7 +78,7 @@ def test_reported_accuracy_and_routing_match_the_exported_weights(quick_run):
     model = timm.create_model('ddw_resnet18', num_classes=10, in_chans=1, **metrics['model_args'])
     model.load_state_dict(load_file(out / 'model' / 'model.safetensors'))
     model.eval()
-    images, labels = job.load_fashion_mnist(job.FASHION_MNIST_DIR, 'val')
+    images, labels = data.load_fashion_mnist(data.FASHION_MNIST_DIR, 'val')
     index = np.random.default_rng(metrics['recipe']['seed'] + 1).permutation(len(images))[:256]
     x = torch.stack([torch.from_numpy(np.asarray(Image.fromarray(images[i]).resize((32, 32), Image.BILINEAR),
                                                  dtype=np.float32)) for i in index])[:, None] / 255
@@ -84,13 +87,15 @@ def test_reported_accuracy_and_routing_match_the_exported_weights(quick_run):
         pred = model(x).argmax(1)
     top1 = 100 * (pred == torch.from_numpy(labels[index].astype(np.int64))).float().mean().item()
     assert metrics['val_top1'] == pytest.approx(top1, abs=1e-4)
-    for name, r in routing.items():
-        m = cap[name][0]
-        np.testing.assert_allclose(r['mean_adjacency'], m.mean(0).numpy(), atol=1e-5)
+    for r in routing['stages']:
+        m = cap[r['name']][0].double()
         n = m.shape[1]
         edges = torch.tril(torch.ones(n, n), -1).bool()  # complete graph: every i < j
+        mean = torch.tensor([[float('nan') if v is None else v for v in row] for row in r['mean']],
+                            dtype=torch.float64)
+        torch.testing.assert_close(mean[edges], m.mean(0)[edges], atol=1e-6, rtol=0)
         assert r['num_edges'] == int(edges.sum())
-        assert r['closed_edge_share'] == pytest.approx((m[:, edges] == 0).float().mean().item(), abs=1e-6)
+        assert r['summary']['closed_share'] == pytest.approx((m[:, edges] == 0).double().mean().item(), abs=1e-6)
 
 
 @pytest.fixture(scope='module')

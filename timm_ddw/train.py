@@ -9,11 +9,8 @@ final weights as safetensors under ``model/``.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
-import os
-import struct
 import sys
 import time
 from contextlib import nullcontext
@@ -25,7 +22,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from PIL import Image
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -34,25 +30,19 @@ from timm.utils import accuracy, random_seed
 from tqdm import tqdm
 
 from .capture import capture_routing, graph_stages
+from .data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    ArrayImageDataset,
+    load_fashion_mnist,
+)
 from .graph import WIRINGS
 from .models._ddw import DDW_DEFAULTS
+from .routing import RoutingStats
 
-__all__ = ['FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'ArrayImageDataset', 'load_fashion_mnist',
-           'read_idx', 'routing_summary', 'register_cli', 'train']
-
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
-FASHION_MNIST_CLASSES = (
-    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'val': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
-}
-MISSING_DATA = (
-    'Fashion-MNIST not found in {dir} (missing {file}). Install it with\n'
-    '    sudo apt-get install -y dataset-fashion-mnist\n'
-    'or pass --fashion-mnist-dir DIR, or train on your own images with --data DIR '
-    '(an image folder with train/ and val/ subfolders, one subfolder per class).')
+__all__ = ['evaluate', 'register_cli', 'train']
 
 # the main job's defaults: about 10 minutes on 2 CPU cores (see README, "Training")
 DEFAULTS = dict(
@@ -61,57 +51,6 @@ DEFAULTS = dict(
     threads=1)
 # --quick: a smoke run for CI, seconds on a CPU
 QUICK = dict(epochs=1, batch_size=32, train_subset=256, val_subset=256, max_steps=8, warmup_steps=0)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzip or raw) as a uint8 array; images are N x H x W, labels N."""
-    opener = gzip.open if str(path).endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack('>HBB', data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f'{path} is not a uint8 IDX file (magic {data[:4].hex()})')
-    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != math.prod(shape):
-        raise ValueError(f'{path}: header says {shape}, file holds {array.size} values')
-    return array.reshape(shape)
-
-
-def load_fashion_mnist(
-        root: str | os.PathLike = FASHION_MNIST_DIR, split: str = 'train') -> Tuple[np.ndarray, np.ndarray]:
-    """Images (N x 28 x 28 uint8) and labels (N) of Fashion-MNIST's ``split`` ('train' or 'val')."""
-    if split not in _FILES:
-        raise ValueError(f"split={split!r} is not one of {tuple(_FILES)}")
-    paths = [Path(root) / name for name in _FILES[split]]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(MISSING_DATA.format(dir=root, file=p.name))
-    images, labels = (read_idx(p) for p in paths)
-    if len(images) != len(labels):
-        raise ValueError(f'{root}: {len(images)} images but {len(labels)} labels in split {split!r}')
-    return images, labels
-
-
-class ArrayImageDataset(torch.utils.data.Dataset):
-    """uint8 grayscale images in memory, served as PIL images so timm's transforms apply.
-
-    ``create_loader`` sets ``transform``, as it does for timm's own ImageDataset.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str] = ()) -> None:
-        self.images, self.labels = images, labels.astype(np.int64)
-        self.classes = list(classes)
-        self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        img = Image.fromarray(self.images[index], mode='L')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[index])
 
 
 def _subset(dataset, size: int, seed: int):
@@ -178,46 +117,14 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def routing_summary(sums: Dict[str, torch.Tensor], closed: Dict[str, torch.Tensor], count: int,
-                    model: nn.Module) -> Dict[str, Any]:
-    """Per stage: the mean adjacency matrix (M[j][i] = mean a_ij) and the share of closed edges.
-
-    An edge is one the stage's wiring has (i in preds[j]); it is closed for a sample when its
-    weight a_ij is exactly 0 (the threshold gate shut it).
-    """
-    out = {}
-    for name, stage in graph_stages(model).items():
-        mask = _edge_mask(stage.preds)
-        num_edges = int(mask.sum())
-        closed_per_edge = (closed[name] / max(count, 1)) * mask
-        out[name] = dict(
-            num_nodes=len(stage.preds),
-            num_edges=num_edges,
-            mean_adjacency=(sums[name] / max(count, 1)).tolist(),
-            closed_edge_share=float(closed_per_edge.sum() / max(num_edges, 1)),
-            closed_share_per_edge=closed_per_edge.tolist(),
-        )
-    return out
-
-
-def _edge_mask(preds: Sequence[Sequence[int]]) -> torch.Tensor:
-    n = len(preds)
-    mask = torch.zeros(n, n)
-    for j, sources in enumerate(preds):
-        for i in sources:
-            mask[j, i] = 1.0
-    return mask
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: bool = False,
-             progress: bool = False, desc: str = 'val') -> Dict[str, Any]:
-    """Top-1/top-5/loss over ``loader``; with ``routing`` also the per-stage routing summary."""
+             progress: bool = False, desc: str = 'val', class_names: Sequence[str] = ()) -> Dict[str, Any]:
+    """Top-1/top-5/loss over ``loader``; with ``routing`` also its RoutingStats (per class too)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction='sum')
     n, loss_sum, top1_sum, top5_sum = 0, 0.0, 0.0, 0.0
-    sums: Dict[str, torch.Tensor] = {}
-    closed: Dict[str, torch.Tensor] = {}
+    stats = RoutingStats.for_model(model, class_names=list(class_names) or None) if routing else None
     ctx = capture_routing(model) if routing else nullcontext({})
     start = time.perf_counter()
     with ctx as captured:
@@ -233,17 +140,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: 
             loss_sum += loss_fn(logits, y).item()
             top1_sum += acc1.item() * b / 100
             top5_sum += acc5.item() * b / 100
-            for name, mats in captured.items():
-                for m in mats:
-                    m = m.float().cpu()
-                    sums[name] = sums.get(name, 0) + m.sum(0)
-                    closed[name] = closed.get(name, 0) + (m == 0).float().sum(0)
-                mats.clear()
+            if stats is not None:
+                stats.update(captured, labels=y.cpu())
+                for mats in captured.values():
+                    mats.clear()
     elapsed = time.perf_counter() - start
     out: Dict[str, Any] = dict(top1=100 * top1_sum / n, top5=100 * top5_sum / n, loss=loss_sum / n,
                                samples=n, img_per_s=n / elapsed)
-    if routing:
-        out['routing'] = routing_summary(sums, closed, n, model)
+    if stats is not None:
+        out['routing'] = stats
     return out
 
 
@@ -392,7 +297,8 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         bar.close()
         train_time, train_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         last = epoch == args.epochs - 1
-        ev = evaluate(model, loader_val, device, autocast, routing=last, progress=args.progress)
+        ev = evaluate(model, loader_val, device, autocast, routing=last, progress=args.progress,
+                      class_names=classes)
         if last:
             final_eval = ev
         record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_img_per_s=seen / train_time,
@@ -413,7 +319,8 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
         threads=torch.get_num_threads(), amp=bool(use_amp), val_top1=final_eval['top1'],
         val_top5=final_eval['top5'], val_loss=final_eval['loss'], history=history, total_time_s=total_time,
         versions=dict(torch=torch.__version__, timm=timm.__version__), recipe=recipe)
-    (out_dir / 'routing.json').write_text(json.dumps(routing, indent=2))
+    routing.meta.update(model=args.model, dataset=data_name, split='val')
+    routing_files = routing.save(out_dir)  # routing.json/.npz, summary.txt, heatmaps with matplotlib
     exporter = _export(model.cpu(), out_dir / 'model', {**model_args, 'num_classes': num_classes,
                                                         'in_chans': in_chans},
                        {k: metrics[k] for k in ('dataset', 'val_top1', 'val_top5', 'epochs', 'img_size')},
@@ -425,10 +332,8 @@ def _train(args: argparse.Namespace) -> Dict[str, Any]:
     (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     print(f'val top-1 {final_eval["top1"]:.2f}% after {args.epochs} epochs, {metrics["total_time_s"]:.0f}s total '
           f'({metrics["cpu_time_s"]:.0f} CPU-s).')
-    for name, r in routing.items():
-        print(f'  {name}: {r["num_nodes"]} nodes, {r["num_edges"]} edges, '
-              f'{100 * r["closed_edge_share"]:.1f}% closed')
-    print(f'report: {out_dir}/ (metrics.json, routing.json, model/)')
+    print(routing.text_summary())
+    print(f'report: {out_dir}/ (metrics.json, {", ".join(sorted(p.name for p in routing_files.values()))}, model/)')
     return metrics
 
 
@@ -453,7 +358,7 @@ def register_cli(subparsers) -> None:
                    help='image folder with train/ and val/ (or validation/) subfolders; default: Fashion-MNIST')
     g.add_argument('--val-split', default='validation', help='name of the --data validation split (timm searches '
                    'val/validation/valid/test for "validation")')
-    g.add_argument('--fashion-mnist-dir', default=FASHION_MNIST_DIR, metavar='DIR',
+    g.add_argument('--fashion-mnist-dir', default=str(FASHION_MNIST_DIR), metavar='DIR',
                    help='folder with the Fashion-MNIST IDX .gz files')
     g.add_argument('--train-subset', type=int, default=d['train_subset'], metavar='N',
                    help='train on a fixed random subset of N images (0: all)')
