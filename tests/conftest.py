@@ -1,9 +1,13 @@
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never reach the Hub; set before huggingface_hub loads
+
 import pytest
 import timm
 import torch
 
-import timm_ddw  # noqa: F401  (registers the models)
-from timm_ddw.models import efficientnet, regnet, resnet
+import timm_ddw  # noqa: F401,E402  (registers the models)
+from timm_ddw.models import efficientnet, regnet, resnet  # noqa: E402
 
 TWINS = {**resnet._TWINS, **regnet._TWINS, **efficientnet._TWINS}
 MODELS = sorted(TWINS)

@@ -11,7 +11,8 @@ from PIL import Image
 
 import timm_ddw
 from timm_ddw.cli import main
-from timm_ddw.routing import FASHION_MNIST_DIR, RoutingStats, collect_routing
+from timm_ddw.data import FASHION_MNIST_DIR, fashion_mnist
+from timm_ddw.routing import RoutingStats, collect_routing
 
 N1, N2 = 5, 4
 CHAIN = np.eye(N2, k=-1, dtype=bool)  # edges j-1 -> j only
@@ -315,7 +316,6 @@ def test_cli_torch_checkpoint_ema_and_kwargs(tmp_path, capsys):
 def test_cli_fashion_mnist(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from timm_ddw.routing import FashionMNIST
 
     save_file(_model(num_classes=10, in_chans=1).state_dict(), str(tmp_path / 'w.safetensors'))
     rc, stdout, err = _run(['--model', 'ddw_resnet18', '--checkpoint', tmp_path / 'w.safetensors',
@@ -323,7 +323,7 @@ def test_cli_fashion_mnist(tmp_path, capsys):
                             '--limit', '10', '--img-size', '32', '--out', tmp_path / 'out', '--no-plots'], capsys)
     assert rc == 0, err
     doc = json.loads((tmp_path / 'out' / 'routing.json').read_text())
-    labels = FashionMNIST('test').labels[:10]
+    labels = fashion_mnist('test').labels[:10]
     assert doc['num_samples'] == 10 and doc['class_count'] == np.bincount(labels, minlength=10).tolist()
     assert doc['class_names'][9] == 'Ankle boot' and doc['meta']['input_size'] == [1, 32, 32]
     assert 'routing over 10 samples' in stdout
@@ -347,8 +347,8 @@ def test_cli_bad_arguments(tmp_path, capsys):
           'num_classes=2'], ['--data', 'empty', 'Found 0 images']),
         (['--model', 'ddw_resnet18', *good[:2], '--data', tmp_path / 'nowhere', '--out', tmp_path],
          ["neither 'fashion-mnist' nor an existing folder"]),
-        (['--model', 'ddw_resnet18', '--pretrained', '--data', data, '--out', tmp_path],
-         ['no pretrained weights for', '--checkpoint']),
+        (['--model', 'resnet18', '--pretrained', '--data', data, '--out', tmp_path],
+         ['--pretrained: could not load the weights of resnet18']),  # the Hub is unreachable in tests
         (['--model', 'ddw_resnet18', *good, '--model-kwargs', 'num_classes=2', '--limit', '0'], ['--limit 0']),
     ]
     for argv, needles in cases:

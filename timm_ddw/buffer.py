@@ -9,19 +9,27 @@ so that training reads each feature map once per edge in both directions:
   once every consumer has run its backward, instead of one temporary per edge that autograd then
   adds up.
 
-Each node output is registered with ``put`` (which returns a tiny token tensor) and each
-aggregation takes the tokens of its sources, so autograd orders the backward passes correctly.
+Each node output is registered with ``put``, which returns its global average pool for the
+node's router; aggregations take their sources' pooled outputs as inputs, so autograd runs a
+node's backward only after all its consumers, and the router's gradient (a broadcast) is folded
+into the same single pass that sums the consumers' gradients.
 """
 from typing import Dict, List, Optional
 
 import torch
 
 
-def accumulate(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[:, k] * xs[k]`` into one new tensor, without autograd."""
+def accumulate(xs: List[torch.Tensor], w: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``base + sum_k w[:, k] * xs[k]`` into one new tensor, without autograd.
+
+    ``base`` may be a broadcast (e.g. B x C x 1 x 1); it costs no pass of its own.
+    """
     shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
     w = w.to(xs[0].dtype)
-    out = xs[0] * w[:, 0].reshape(shape)
+    if base is None:
+        out = xs[0] * w[:, 0].reshape(shape)
+    else:
+        out = torch.addcmul(base.to(xs[0].dtype), xs[0], w[:, 0].reshape(shape))
     for k in range(1, len(xs)):
         out.addcmul_(xs[k], w[:, k].reshape(shape))
     return out
@@ -65,11 +73,11 @@ class _Put(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf: FeatureBuffer, i: int, x: torch.Tensor) -> torch.Tensor:
         buf.feats[i] = x
-        ctx.buf, ctx.i = buf, i
-        return x.new_zeros(())
+        ctx.buf, ctx.i, ctx.hw = buf, i, x.shape[2] * x.shape[3]
+        return x.sum((2, 3)) * (1.0 / ctx.hw)
 
     @staticmethod
-    def backward(ctx, _token_grad: torch.Tensor):
+    def backward(ctx, pooled_grad: torch.Tensor):
         buf, i = ctx.buf, ctx.i
         grads, cols = [], []
         for j, g in list(buf.grads.items()):
@@ -80,10 +88,11 @@ class _Put(torch.autograd.Function):
                 buf.pending[j] -= 1
                 if not buf.pending[j]:  # free each gradient as soon as its last source used it
                     del buf.grads[j]
-        buf.feats.pop(i, None)
+        x = buf.feats.pop(i)
+        pool_part = (pooled_grad * (1.0 / ctx.hw))[:, :, None, None]
         if not grads:
-            return None, None, None
-        return None, None, accumulate(grads, torch.stack(cols, 1))
+            return None, None, pool_part.expand_as(x)
+        return None, None, accumulate(grads, torch.stack(cols, 1), base=pool_part)
 
 
 class _Aggregate(torch.autograd.Function):
@@ -102,4 +111,5 @@ class _Aggregate(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_w = torch.stack([_batched_dot(*_flat_pair(g, buf.feats[i])) for i in buf.preds[j]], 1)
             grad_w = grad_w.to(buf.weights[j].dtype)
+        # the sources' pooled outputs are inputs only to order the backward: no gradient
         return (None, None, grad_w) + (None,) * ctx.num_tokens

@@ -91,6 +91,11 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """The routers' global average pool, as a sum: its backward is a broadcast, not a division."""
+    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
 def _out_channels(block: nn.Module) -> int:
     """Channels a timm block emits: the width of its last normalisation layer."""
     widths = [m.num_features if isinstance(m, nn.modules.batchnorm._NormBase) else m.num_channels
@@ -190,17 +195,15 @@ class GraphStage(nn.Module):
     def extra_repr(self) -> str:
         return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
 
-    def _edge_weights(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Gated weights (B x out-degree) of node i's output edges."""
+    def _edge_weights(self, pooled: torch.Tensor, i: int) -> torch.Tensor:
+        """Gated weights (B x out-degree) of node i's output edges, from its pooled output (B x C)."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
         bias, tau, weight = self.router_bias, self.tau, self.router_weight
         assert bias is not None and tau is not None
         if weight is not None:
-            # global average pool as a sum: its backward is a broadcast, not a full-size division
-            pooled = x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
             z = F.linear(pooled, weight[lo:hi], bias[lo:hi])
         else:
-            z = bias[lo:hi].unsqueeze(0).expand(x.shape[0], hi - lo)
+            z = bias[lo:hi].unsqueeze(0).expand(pooled.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
         return gate_edges(alpha, tau[i:], self.gate, self.training)
@@ -260,10 +263,13 @@ class GraphStage(nn.Module):
                 else:
                     out = block(inp)
                 feats.append(out)
-                if not torch.jit.is_scripting() and buf is not None:
-                    tokens.append(buf.put(j, out))
                 if routed:
-                    w_out = self._edge_weights(out, j)
+                    if not torch.jit.is_scripting() and buf is not None:
+                        pooled = buf.put(j, out)  # also the token that orders the buffer's backward
+                        tokens.append(pooled)
+                    else:
+                        pooled = global_pool(out)
+                    w_out = self._edge_weights(pooled, j)
                     if j > 0:
                         w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
                     weights.append(w_out)

@@ -12,7 +12,6 @@ Every matrix follows :func:`timm_ddw.capture_routing`: ``M[j, i]`` is the statis
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -25,16 +24,14 @@ import torch
 import torch.nn as nn
 
 from .capture import capture_routing, graph_stages
+from .data import fashion_mnist
 
 __all__ = [
-    'RoutingStats', 'collect_routing', 'plot_stage_heatmaps', 'plot_class_differences', 'FashionMNIST',
+    'RoutingStats', 'collect_routing', 'plot_stage_heatmaps', 'plot_class_differences',
     'SCHEMA_VERSION', 'register_cli',
 ]
 
 SCHEMA_VERSION = 1
-FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
-FASHION_MNIST_CLASSES = (
-    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 _PLOTS_HINT = "matplotlib is needed for the routing figures: pip install 'timm-ddw[plots]'"
 
 Captured = Mapping[str, Union[torch.Tensor, Sequence[torch.Tensor]]]
@@ -600,51 +597,6 @@ def plot_class_differences(stats: RoutingStats, max_classes: int = 10):
 
 
 # ---------------------------------------------------------------------- data
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzip-compressed, as a uint8 array."""
-    with gzip.open(path, 'rb') as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f'{path} is not a uint8 IDX file')
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * k:8 + 4 * k], 'big') for k in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-class FashionMNIST(torch.utils.data.Dataset):
-    """Fashion-MNIST from its IDX .gz files, as PIL images in ``mode`` ('L' or 'RGB') for timm transforms."""
-
-    def __init__(self, split: str = 'test', root: Union[str, Path] = FASHION_MNIST_DIR, transform=None,
-                 mode: str = 'L'):
-        if split not in ('train', 'test'):
-            raise ValueError(f"split={split!r} is not one of ('train', 'test')")
-        prefix = 'train' if split == 'train' else 't10k'
-        root = Path(root)
-        images, labels = root / f'{prefix}-images-idx3-ubyte.gz', root / f'{prefix}-labels-idx1-ubyte.gz'
-        if not images.is_file() or not labels.is_file():
-            raise FileNotFoundError(
-                f'Fashion-MNIST not found in {root} (expected {images.name}, {labels.name}); on Debian: '
-                'apt-get install dataset-fashion-mnist')
-        self.images = _read_idx(images)
-        self.labels = _read_idx(labels).astype(np.int64)
-        self.transform = transform
-        self.mode = mode
-        self.classes = list(FASHION_MNIST_CLASSES)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        img = Image.fromarray(self.images[index], 'L')
-        if self.mode != 'L':
-            img = img.convert(self.mode)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[index])
-
-
 # ---------------------------------------------------------------------- command line
 class CliError(Exception):
     """A user error in ``timm-ddw routing`` arguments: printed without a traceback."""
@@ -688,6 +640,10 @@ def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
         model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
         raise CliError(f'--model-kwargs {kwargs}: {e}') from e
+    except (OSError, RuntimeError) as e:  # weights that cannot be downloaded or do not fit
+        if not args.pretrained:
+            raise
+        raise CliError(f'--pretrained: could not load the weights of {args.model}: {e}') from e
     if not graph_stages(model):
         raise CliError(f'--model {args.model!r} has no DDW graph stages; DDW models: {", ".join(ddw_models)}')
     if args.checkpoint is not None:
@@ -708,7 +664,7 @@ def _build_dataset(args: argparse.Namespace, transform, in_chans: int):
     mode = 'L' if in_chans == 1 else 'RGB'
     if args.data == 'fashion-mnist':
         try:
-            ds = FashionMNIST(args.split, transform=transform, mode=mode)
+            ds = fashion_mnist(args.split, transform=transform, mode=mode)
         except FileNotFoundError as e:
             raise CliError(f'--data fashion-mnist: {e}') from e
         return ds, ds.classes, f'fashion-mnist ({args.split})'
