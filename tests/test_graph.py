@@ -271,3 +271,21 @@ def test_feature_buffer_gives_the_plain_gradients(channels_last):
     assert torch.allclose(out_plain, out_buf, atol=1e-10)
     for n in plain:
         assert (plain[n] - buf[n]).abs().max() <= 1e-9 * plain[n].abs().max() + 1e-12, n
+
+
+def test_buffer_recomputes_block_inputs_instead_of_saving_them(monkeypatch):
+    import timm_ddw.buffer as buffer
+    calls = []
+    real = buffer.accumulate
+    monkeypatch.setattr(buffer, 'accumulate', lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage = make_stage(n=4).train()
+    x = torch.randn(2, 3, 16, 16)
+    counts = {}
+    for recompute in (False, True):
+        stage.recompute_inputs = recompute
+        calls.clear()
+        stage(x).sum().backward()
+        counts[recompute] = len(calls)
+    # forward: nodes 1..4 aggregate; backward: nodes 0..3 sum their consumers' gradients;
+    # recomputing adds one sum per block node 1..3 (node 0's input is the stage input)
+    assert counts[False] == 8 and counts[True] == 11

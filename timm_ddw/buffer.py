@@ -53,7 +53,7 @@ def _batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class FeatureBuffer:
     """Node outputs, in-edge weights and aggregation gradients of one stage forward."""
-    __slots__ = ('preds', 'feats', 'weights', 'grads', 'pending')
+    __slots__ = ('preds', 'feats', 'weights', 'grads', 'pending', 'recomputed')
 
     def __init__(self, preds: List[List[int]]):
         self.preds = preds
@@ -61,12 +61,36 @@ class FeatureBuffer:
         self.weights: Dict[int, torch.Tensor] = {}
         self.grads: Dict[int, torch.Tensor] = {}
         self.pending: Dict[int, int] = {}  # sources of node j whose gradient still needs grads[j]
+        self.recomputed: Dict[int, torch.Tensor] = {}
 
     def put(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return _Put.apply(self, i, x)
 
     def aggregate(self, j: int, w: torch.Tensor, tokens: List[torch.Tensor]) -> torch.Tensor:
         return _Aggregate.apply(self, j, w, *tokens)
+
+    def recompute_input(self, j: int, inp: torch.Tensor) -> torch.autograd.graph.saved_tensors_hooks:
+        """While node j's block runs, keep its input (the aggregation) out of the saved tensors and
+        recompute it from the buffer in backward: one feature map less per node for one more sum."""
+        key = (inp.data_ptr(), inp.shape, inp.stride(), inp.dtype, inp.device)
+
+        def pack(t: torch.Tensor):
+            if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) == key:
+                return j
+            return t
+
+        def unpack(packed):
+            if not isinstance(packed, int):
+                return packed
+            if packed not in self.recomputed:
+                xs = [self.feats[i] for i in self.preds[packed]]
+                out = accumulate(xs, self.weights[packed])
+                if out.stride() != key[2]:  # the block saw another memory layout
+                    out = torch.empty_strided(key[1], key[2], dtype=out.dtype, device=out.device).copy_(out)
+                self.recomputed[packed] = out
+            return self.recomputed[packed]
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class _Put(torch.autograd.Function):
@@ -107,6 +131,7 @@ class _Aggregate(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         buf, j = ctx.buf, ctx.j
         buf.grads[j] = g
+        buf.recomputed.pop(j, None)  # node j's block has run its backward
         grad_w: Optional[torch.Tensor] = None
         if ctx.needs_input_grad[2]:
             grad_w = torch.stack([_batched_dot(*_flat_pair(g, buf.feats[i])) for i in buf.preds[j]], 1)

@@ -157,6 +157,7 @@ class GraphStage(nn.Module):
         self.grad_checkpointing = False
         self.skip_closed = False
         self.use_buffer = True
+        self.recompute_inputs = True
         self._capture: Optional[List[torch.Tensor]] = None
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
@@ -260,6 +261,9 @@ class GraphStage(nn.Module):
             else:
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     out = checkpoint(block, inp)
+                elif not torch.jit.is_scripting() and buf is not None and j > 0 and self.recompute_inputs:
+                    with buf.recompute_input(j, inp):
+                        out = block(inp)
                 else:
                     out = block(inp)
                 feats.append(out)
