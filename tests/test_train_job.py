@@ -61,6 +61,8 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_report(quick_run):
     out, metrics, routing = quick_run
     assert (out / 'model' / 'model.safetensors').is_file() and (out / 'model' / 'config.json').is_file()
+    cfg = json.loads((out / 'model' / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == [1, 32, 32] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
     assert metrics['model'] == 'ddw_resnet18' and metrics['dataset'] == 'fashion-mnist'
     assert metrics['train_images'] == 256 and metrics['val_images'] == 256 and metrics['steps'] == 8
     assert len(metrics['history']) == metrics['epochs'] == 1

@@ -107,11 +107,13 @@ def hub_config(
         tag: Optional[str] = None,
         license: Optional[str] = None,
         description: Optional[str] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """``config.json`` of a published DDW model, in timm's format (timm's own writer).
 
     The source-weight fields of ``pretrained_cfg`` (hub id, chain-init tag and description) are
-    replaced: the exported weights are a new source.
+    replaced: the exported weights are a new source. ``data_config`` (input_size, mean, std,
+    crop_pct, interpolation, ...) records the preprocessing the weights were trained with.
     """
     from timm.models._hub import save_config_for_hf
 
@@ -124,6 +126,7 @@ def hub_config(
     cfg = config['pretrained_cfg']
     for key in ('tag', 'origin_url', 'description', 'notes', 'paper_ids'):
         cfg.pop(key, None)
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in (data_config or {}).items()})
     if tag:
         cfg['tag'] = tag
     if license:
@@ -235,6 +238,7 @@ def export_folder(
         tag: Optional[str] = None,
         license: Optional[str] = None,
         description: Optional[str] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Write a Hub-ready folder for ``model``: model.safetensors, config.json, README.md.
 
@@ -243,7 +247,8 @@ def export_folder(
     (a train.py YAML path, its text or a dict) go into the model card. Weights are never pickled.
     """
     model = _unwrap(model)
-    config = hub_config(model, model_args, tag=tag, license=license, description=description)
+    config = hub_config(model, model_args, tag=tag, license=license, description=description,
+                        data_config=data_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / WEIGHTS_NAME)

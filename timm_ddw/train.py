@@ -154,17 +154,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: 
 
 def _export(model: nn.Module, out_dir: Path, model_args: Dict[str, Any], metrics: Dict[str, Any],
             recipe: Dict[str, Any], data_config: Dict[str, Any]) -> str:
-    """Final weights as safetensors: the Hub export format when timm_ddw.hub provides it, else timm's own."""
-    try:
-        from .hub import export_folder
-    except ImportError:
-        export_folder = None
-    if export_folder is not None:
-        export_folder(model, out_dir, model_args=model_args, metrics=metrics, recipe=recipe)
-        return 'timm_ddw.hub.export_folder'
-    from timm.models import save_for_hf
-    save_for_hf(model, str(out_dir), model_args=model_args, safe_serialization=True, data_config=data_config)
-    return 'timm.models.save_for_hf'
+    """Final weights in the Hub export format, with the data config they were trained with."""
+    from .hub import export_folder
+    keys = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+    export_folder(model, out_dir, model_args=model_args, metrics=metrics, recipe=recipe,
+                  data_config={k: data_config[k] for k in keys if k in data_config})
+    return 'timm_ddw.hub.export_folder'
 
 
 def _cpu_seconds() -> float:
