@@ -170,9 +170,10 @@ def _load_script():
 def test_welch_comparison():
     abl = _load_script()
     a, b = [90.0, 91.0, 92.0], [88.0, 88.5, 89.0]
-    d, t, verdict = abl._compare(a, b)
-    # means 91 and 88.5, variances 1 and 0.25, n=3: se = sqrt(1/3 + 0.25/3)
+    d, t, verdict, half = abl._compare(a, b)
+    # means 91 and 88.5, variances 1 and 0.25, n=3: se = sqrt(1/3 + 0.25/3); 95% half-width t(2 dof) * se
     assert d == pytest.approx(2.5) and t == pytest.approx(2.5 / (1.25 / 3) ** 0.5)
+    assert half == pytest.approx(4.30 * (1.25 / 3) ** 0.5)
     assert verdict == 'larger than one std, not significant'  # t = 3.87 < 4.30 (2 dof)
     assert abl._compare([90.0, 90.1, 90.2], [88.0, 88.1, 88.2])[2] == 'exceeds the seed spread'
     assert abl._compare([90.0, 91.0, 92.0], [90.5, 91.0, 91.5])[2] == 'within the seed spread'
