@@ -2,6 +2,7 @@
 
 Importing this package registers the ``ddw_*`` models with timm.
 """
+from . import wirings  # noqa: F401  (registers dense/er/ba/ws)
 from .capture import capture_routing, graph_stages, set_skip_closed
 from .graph import GATES, WIRINGS, GraphStage, register_wiring
 from .models import *  # noqa: F401,F403  (registers the models)

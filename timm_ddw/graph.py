@@ -154,6 +154,7 @@ class GraphStage(nn.Module):
         self.edges = spec.edges
         self.gate = gate
         self.num_blocks = n
+        self.num_nodes = n + 1  # the blocks and the output node
         self.grad_checkpointing = False
         self.skip_closed = False
         self.use_buffer = True

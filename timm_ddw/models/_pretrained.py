@@ -184,8 +184,11 @@ def ddw_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if isinstance(model, RegNet) or (cfg.get('architecture') or '').startswith('ddw_regnet'):  # features_only too
         state_dict = regnet_filter_fn(state_dict)
-    if (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX) and not any(_is_routing_key(k) for k in state_dict):
-        # a static network's weights; unchanged for wiring='chain', an error for other fixed graphs
+    routed = any(s.router_bias is not None for s in graph_stages(model).values())
+    if routed and (cfg.get('tag') or '').endswith(CHAININIT_SUFFIX) \
+            and not any(_is_routing_key(k) for k in state_dict):
+        # a static network's weights. Fixed wirings have no routing parameters: their checkpoints
+        # and the twin's weights share every key, and load as they are
         state_dict = chain_init_state_dict(state_dict, model)
     _fix_num_classes(state_dict, cfg)
     check_state_dict(state_dict, model, cfg)
