@@ -86,8 +86,8 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     w = w.to(xs[0].dtype)
     shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
     out = xs[0] * w[:, 0].reshape(shape)
-    for k in range(1, len(xs)):
-        out = torch.addcmul(out, xs[k], w[:, k].reshape(shape))
+    for k in range(1, len(xs)):  # in place: no backward needs the partial sums
+        out.addcmul_(xs[k], w[:, k].reshape(shape))
     return out
 
 
