@@ -183,7 +183,7 @@ def test_fx_trace(name):
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(wiring='ring'), r"wiring='ring' is not one of \['chain', .*'dynamic'.*'static'"),
+    (dict(wiring='ring'), r"wiring='ring' is not one of \[.*'chain'.*'dynamic'.*'static'.*\]"),
     (dict(wiring=3), r"wiring=3 is not one of"),
     (dict(router_bias='3'), r"router_bias='3' must be a finite number"),
     (dict(router_bias=float('nan')), r"router_bias=nan must be a finite number"),
