@@ -30,23 +30,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm_ddw
 import timm_ddw.graph as graph
-from timm_ddw.models import efficientnet, regnet, resnet
+from timm_ddw.models import TWINS
 
 HERE = Path(__file__).resolve().parent
-TWINS: Dict[str, str] = {**resnet._TWINS, **efficientnet._TWINS, **regnet._TWINS}
+
 # the paper's Table 1 keys; RegNetY-600M is only in Table 5 (DDW-B, no baseline figure)
 PAPER_KEYS = {name: name[len('ddw_'):] for name in TWINS}
 TABLE5_KEYS = {'ddw_regnety_600m': 'DDW-B (RegNetY-600M)'}
 
 
-def loop_weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """Reference: one multiply and one add per edge (elementwise, invisible to FlopCounterMode)."""
-    w = w.to(xs[0].dtype)
-    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
-    out = xs[0] * w[:, 0].reshape(shape)
-    for k in range(1, len(xs)):
-        out = out + xs[k] * w[:, k].reshape(shape)
-    return out
+loop_weighted_sum = graph.weighted_sum_loop  # one multiply and one add per edge
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -8,8 +8,8 @@ round), so machine noise hits all of them alike:
              library's ``timm_ddw.graph.weighted_sum`` under plain autograd; only where stages have
              ``use_buffer``
   ddw-loop   the same DDW model without the buffer and with a plain per-edge loop swapped in for
-             the weighted sums (``timm_ddw.graph.weighted_sum_loop`` if the library has one, else
-             ``loop_weighted_sum`` below: one multiply and one add per edge), the reference point.
+             the weighted sums (``timm_ddw.graph.weighted_sum_loop``: one multiply and one add per
+             edge, a new tensor each), the reference point.
 Ratios are DDW/static: the median over rounds of each round's ratio, with min and max.
 
 Peak memory of one training step (and of one inference batch):
@@ -45,27 +45,20 @@ import torch.nn.functional as F
 
 import timm_ddw
 import timm_ddw.graph as graph
-from timm_ddw.models import efficientnet, regnet, resnet
+from timm_ddw.models import TWINS
 
 HERE = Path(__file__).resolve().parent
-TWINS: Dict[str, str] = {**resnet._TWINS, **efficientnet._TWINS, **regnet._TWINS}
+
 VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop')
 MODES = ('train', 'infer')
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def loop_weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """Reference weighted sum: ``out = x0 * w0; out = out + xi * wi ...`` (one multiply, one add per edge)."""
-    w = w.to(xs[0].dtype)
-    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
-    out = xs[0] * w[:, 0].reshape(shape)
-    for k in range(1, len(xs)):
-        out = out + xs[k] * w[:, k].reshape(shape)
-    return out
+loop_weighted_sum = graph.weighted_sum_loop  # one multiply and one add per edge
 
 
 LIBRARY_WEIGHTED_SUM = graph.weighted_sum
-REFERENCE_WEIGHTED_SUM: Callable = getattr(graph, 'weighted_sum_loop', loop_weighted_sum)
+REFERENCE_WEIGHTED_SUM: Callable = loop_weighted_sum
 
 
 @contextlib.contextmanager

@@ -7,9 +7,8 @@ import timm
 import torch
 
 import timm_ddw  # noqa: F401,E402  (registers the models)
-from timm_ddw.models import efficientnet, regnet, resnet  # noqa: E402
+from timm_ddw.models import TWINS  # noqa: E402
 
-TWINS = {**resnet._TWINS, **regnet._TWINS, **efficientnet._TWINS}
 MODELS = sorted(TWINS)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch.nn as nn
 
 from .capture import graph_stages
-from .models import efficientnet, regnet, resnet
+from .models import TWINS
 from .models._ddw import DDW_DEFAULTS, DdwMixin
 from .models._pretrained import DdwCheckpointError, load_checked
 
@@ -30,7 +30,7 @@ __all__ = [
     'DdwCheckpointError', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config', 'model_card',
     'write_hub_configs', 'check_hub_configs', 'register_cli']
 
-TWINS: Dict[str, str] = {**resnet._TWINS, **regnet._TWINS, **efficientnet._TWINS}
+
 WEIGHTS_NAME = 'model.safetensors'
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar')
 PAPER = 'Differentiable Dynamic Wirings for Neural Networks'
