@@ -35,6 +35,11 @@ def accumulate(xs: List[torch.Tensor], w: torch.Tensor, base: Optional[torch.Ten
     return out
 
 
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """The routers' global average pool, as a sum: its backward is a broadcast, not a division."""
+    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
 def _flat_pair(a: torch.Tensor, b: torch.Tensor):
     """Both tensors as B x F in one common element order, as views where the layout allows."""
     if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
@@ -98,7 +103,7 @@ class _Put(torch.autograd.Function):
     def forward(ctx, buf: FeatureBuffer, i: int, x: torch.Tensor) -> torch.Tensor:
         buf.feats[i] = x
         ctx.buf, ctx.i, ctx.hw = buf, i, x.shape[2] * x.shape[3]
-        return x.sum((2, 3)) * (1.0 / ctx.hw)
+        return global_pool(x)
 
     @staticmethod
     def backward(ctx, pooled_grad: torch.Tensor):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import checkpoint
 
-from .buffer import FeatureBuffer
+from .buffer import FeatureBuffer, global_pool
 
 __all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'register_wiring', 'weighted_sum', 'gate_edges']
 
@@ -88,21 +88,6 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     out = xs[0] * w[:, 0].reshape(shape)
     for k in range(1, len(xs)):  # in place: no backward needs the partial sums
         out.addcmul_(xs[k], w[:, k].reshape(shape))
-    return out
-
-
-def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """The routers' global average pool, as a sum: its backward is a broadcast, not a division."""
-    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
-
-
-def weighted_sum_loop(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """Reference for benchmarks: one multiply and one add per edge, a new tensor each."""
-    w = w.to(xs[0].dtype)
-    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
-    out = xs[0] * w[:, 0].reshape(shape)
-    for k in range(1, len(xs)):
-        out = out + xs[k] * w[:, k].reshape(shape)
     return out
 
 
@@ -220,6 +205,14 @@ class GraphStage(nn.Module):
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
         return gate_edges(alpha, tau[i:], self.gate, self.training)
 
+    def _fixed_sum(self, feats: List[torch.Tensor], j: int) -> torch.Tensor:
+        """Node j's input under a fixed wiring: the plain sum of its sources."""
+        src = self.preds[j]
+        out = feats[src[0]]
+        for i in src[1:]:
+            out = out + feats[i]
+        return out
+
     def _in_edges(self, weights: List[torch.Tensor], j: int) -> torch.Tensor:
         """Weights (B x in-degree) of node j's input edges, in ``preds[j]`` order."""
         pos = self.pos[j]
@@ -251,10 +244,7 @@ class GraphStage(nn.Module):
             inp = x
             removed = False
             if j > 0 and not routed:
-                src = self.preds[j]
-                inp = feats[src[0]]
-                for i in src[1:]:
-                    inp = inp + feats[i]
+                inp = self._fixed_sum(feats, j)
             elif j > 0:
                 src = self.preds[j]
                 w = self._in_edges(weights, j)
@@ -292,12 +282,9 @@ class GraphStage(nn.Module):
             self._record(weights, x.shape[0], feats[0])
 
         n = self.num_blocks
-        src = self.preds[n]
         if not routed:
-            y = feats[src[0]]
-            for i in src[1:]:
-                y = y + feats[i]
-            return y
+            return self._fixed_sum(feats, n)
+        src = self.preds[n]
         w = self._in_edges(weights, n)
         if not torch.jit.is_scripting() and buf is not None:
             return buf.aggregate(n, w, [tokens[i] for i in src])
