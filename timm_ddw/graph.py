@@ -91,6 +91,16 @@ def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def weighted_sum_loop(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Reference for benchmarks: one multiply and one add per edge, a new tensor each."""
+    w = w.to(xs[0].dtype)
+    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
+    out = xs[0] * w[:, 0].reshape(shape)
+    for k in range(1, len(xs)):
+        out = out + xs[k] * w[:, k].reshape(shape)
+    return out
+
+
 def _out_channels(block: nn.Module) -> int:
     """Channels a timm block emits: the width of its last normalisation layer."""
     widths = [m.num_features if isinstance(m, nn.modules.batchnorm._NormBase) else m.num_channels
