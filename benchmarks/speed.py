@@ -3,10 +3,11 @@
 The variants run interleaved in one process, several alternating rounds (the order rotates every
 round), so machine noise hits all of them alike:
   static     timm's twin (e.g. resnet50)
-  ddw        the DDW model as the library runs it (in eager training: the feature buffer)
-  ddw-nobuf  the same DDW model without the feature buffer (``stage.use_buffer = False``): the
-             library's ``timm_ddw.graph.weighted_sum`` under plain autograd; only where stages have
-             ``use_buffer``
+  ddw        the DDW model as the library runs it (in eager training: the feature buffer; in
+             inference: blocked sums in stages of more than 12 blocks)
+  ddw-nobuf  the same DDW model without the feature buffer and blocked sums
+             (``stage.use_buffer = False``, ``stage.sum_block_size = 0``): the library's per-node
+             ``timm_ddw.graph.weighted_sum``, under plain autograd in training
   ddw-loop   the same DDW model without the buffer and with a plain per-edge loop swapped in for
              the weighted sums (``timm_ddw.graph.weighted_sum_loop``: one multiply and one add per
              edge, a new tensor each), the reference point.
@@ -65,19 +66,23 @@ REFERENCE_WEIGHTED_SUM: Callable = loop_weighted_sum
 def variant_setup(variant: str, model: Optional[nn.Module] = None):
     """Configure the graph stages for a variant; the stage looks ``weighted_sum`` up at call time."""
     stages = [] if model is None else [m for m in model.modules() if isinstance(m, graph.GraphStage)]
-    saved = [getattr(m, 'use_buffer', None) for m in stages]
+    saved = [(getattr(m, 'use_buffer', None), getattr(m, 'sum_block_size', None)) for m in stages]
     if variant in ('ddw-nobuf', 'ddw-loop'):
         for m in stages:
             if hasattr(m, 'use_buffer'):
                 m.use_buffer = False
+            if hasattr(m, 'sum_block_size'):
+                m.sum_block_size = 0
     graph.weighted_sum = REFERENCE_WEIGHTED_SUM if variant == 'ddw-loop' else LIBRARY_WEIGHTED_SUM
     try:
         yield
     finally:
         graph.weighted_sum = LIBRARY_WEIGHTED_SUM
-        for m, value in zip(stages, saved, strict=True):
-            if value is not None:
-                m.use_buffer = value
+        for m, (use_buffer, block_size) in zip(stages, saved, strict=True):
+            if use_buffer is not None:
+                m.use_buffer = use_buffer
+            if block_size is not None:
+                m.sum_block_size = block_size
 
 
 class Bench:

@@ -63,14 +63,15 @@ def test_speed_reference_loop_matches_library():
     torch.testing.assert_close(graph.weighted_sum(xs, w), expected)
     model = timm.create_model('ddw_resnet18', device='meta')
     stages = list(timm_ddw.graph_stages(model).values())
-    buffered = [getattr(m, 'use_buffer', None) for m in stages]
+    settings = [(m.use_buffer, m.sum_block_size) for m in stages]
+    assert all(s == (True, 6) for s in settings)
     for variant, fn in [('ddw', speed.LIBRARY_WEIGHTED_SUM), ('ddw-nobuf', speed.LIBRARY_WEIGHTED_SUM),
                         ('ddw-loop', speed.REFERENCE_WEIGHTED_SUM)]:
         with speed.variant_setup(variant, model):
             assert graph.weighted_sum is fn
-            if variant != 'ddw':  # the per-edge paths must not go through the feature buffer
-                assert not any(getattr(m, 'use_buffer', False) for m in stages)
+            if variant != 'ddw':  # the per-edge paths go through neither the buffer nor blocked sums
+                assert all((m.use_buffer, m.sum_block_size) == (False, 0) for m in stages)
             else:
-                assert [getattr(m, 'use_buffer', None) for m in stages] == buffered
+                assert [(m.use_buffer, m.sum_block_size) for m in stages] == settings
     assert graph.weighted_sum is speed.LIBRARY_WEIGHTED_SUM
-    assert [getattr(m, 'use_buffer', None) for m in stages] == buffered
+    assert [(m.use_buffer, m.sum_block_size) for m in stages] == settings

@@ -42,7 +42,7 @@ def reference_adjacency(stage, outs):
     a node whose input edges are all closed is removed and its output edges close."""
     n = stage.num_blocks
     B = outs[0].shape[0]
-    adj = torch.zeros(B, n + 1, n + 1)
+    adj = torch.zeros(B, n + 1, n + 1, dtype=outs[0].dtype)
     for i in range(n):
         live = torch.ones(B, dtype=torch.bool) if i == 0 else adj[:, i, :i].ne(0).any(1)
         for j in range(i + 1, n + 1):
@@ -289,3 +289,66 @@ def test_buffer_recomputes_block_inputs_instead_of_saving_them(monkeypatch):
     # forward: nodes 1..4 aggregate; backward: nodes 0..3 sum their consumers' gradients;
     # recomputing adds one sum per block node 1..3 (node 0's input is the stage input)
     assert counts[False] == 8 and counts[True] == 11
+
+
+def test_blocked_sums_equal_the_independent_graph_computation(monkeypatch):
+    import timm_ddw.blocked as blocked
+    folds = []
+    real = blocked.BlockedSums.put
+    monkeypatch.setattr(blocked.BlockedSums, 'put', lambda self, i, *a: folds.append(self.start) or real(self, i, *a))
+    stage = make_stage(n=7, router_bias=0.5, threshold_init=0.4).double().eval()
+    stage.sum_block_size = 2  # 2k < 7 blocks: blocked; folds after nodes 1, 3 and 5
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad(), timm_ddw.capture_routing(stage) as cap:
+        outs, y = node_outputs(stage, x)
+    assert folds == [0, 0, 2, 2, 4, 4, 6]  # the open block's first node when each node is put
+    adj = reference_adjacency(stage, outs)
+    assert torch.allclose(cap[''][0].double(), adj, atol=1e-6)
+    assert (adj.tril(-1) == 0).any() and (adj.tril(-1) > 0).any()  # some edges closed, some open
+    blocks = list(stage.children())
+    for j in range(1, 7):
+        agg = sum(adj[:, j, i].view(-1, 1, 1, 1) * outs[i] for i in range(j))
+        assert torch.allclose(blocks[j](agg), outs[j], rtol=0, atol=1e-12)
+    ref_y = sum(adj[:, 7, i].view(-1, 1, 1, 1) * outs[i] for i in range(7))
+    assert torch.allclose(y, ref_y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_blocked_sums_match_per_node_sums(channels_last):
+    stages = [make_stage(n=9), GraphStage(nn.Sequential(*[nn.Identity() for _ in range(9)]), channels=3)]
+    x = torch.randn(2, 3, 16, 16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    seen = []
+    for stage in stages:
+        stage.eval()
+        seen.clear()
+        for b in stage.children():
+            b.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+        outs = {}
+        for k in (0, 1, 2, 3, 4):  # 4: 2k = 8 < 9 blocks
+            stage.sum_block_size = k
+            with torch.no_grad():
+                outs[k] = stage(x)
+        outs['grad'] = stage(x)  # autograd on: per-node sums whatever the block size
+        for k, y in outs.items():
+            assert torch.allclose(y, outs[0], rtol=1e-5, atol=1e-6), k
+        if channels_last and not isinstance(next(stage.children()), nn.Identity):
+            assert all(seen), 'blocked sums hand blocks inputs in their layout'
+
+
+def test_blocked_sums_skip_removed_nodes_with_identical_outputs():
+    stage = make_stage(n=7, router_bias=0.0, threshold_init=0.5).eval()
+    stage.sum_block_size = 2
+    with torch.no_grad():
+        stage.tau[2] = 1.0  # node 3 receives nothing: removed for every sample
+    ran = []
+    stage.get_submodule('3').register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = stage(x)
+        assert ran
+        ran.clear()
+        stage.skip_closed = True
+        out = stage(x)
+    assert not ran and torch.equal(out, ref)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models import checkpoint
 
+from .blocked import BlockedSums
 from .buffer import FeatureBuffer, global_pool
 
 __all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'register_wiring', 'weighted_sum', 'gate_edges']
@@ -164,6 +165,9 @@ class GraphStage(nn.Module):
         self.skip_closed = False
         self.use_buffer = True
         self.recompute_inputs = True
+        # forwards without autograd fold node outputs into later inputs in blocks of this many
+        # nodes (timm_ddw.blocked) when the stage has more than twice as many blocks; 0: never
+        self.sum_block_size = 6
         self._capture: Optional[List[torch.Tensor]] = None
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
@@ -181,8 +185,8 @@ class GraphStage(nn.Module):
         self.register_parameter('router_bias', None)
         self.register_parameter('tau', None)
         if self.edges != 'fixed':
-            ref = next(named[0][1].parameters())
-            dd = dict(device=ref.device, dtype=ref.dtype)
+            ref = next(blocks.parameters(), None)  # the routers follow the blocks' device and dtype
+            dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
             num_edges = self.offsets[-1]
             self.router_bias = nn.Parameter(torch.full((num_edges,), float(router_bias), **dd))
             self.tau = nn.Parameter(torch.full((n,), float(threshold_init), **dd))
@@ -240,9 +244,43 @@ class GraphStage(nn.Module):
         return routed and not skip and self.use_buffer and torch.is_grad_enabled() \
             and not torch.compiler.is_compiling()
 
+    @torch.jit.unused
+    def _use_blocked(self, routed: bool, x: torch.Tensor) -> bool:
+        """Blocked sums need the complete graph, eager execution and no autograd; in stages of up to
+        2k blocks at most one GEMM would fold anything, and the copies into the buffer cost more."""
+        return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
+            and not isinstance(x, torch.fx.Proxy)
+
+    @torch.jit.unused
+    def _forward_blocked(self, x: torch.Tensor, skip: bool) -> torch.Tensor:
+        sums = BlockedSums(self.num_blocks, self.sum_block_size)
+        weights: List[torch.Tensor] = []
+        for j, block in enumerate(self.children()):
+            inp, live = x, None
+            if j > 0:
+                w = self._in_edges(weights, j)
+                live = w.ne(0).any(1)
+                if skip and not bool(live.any()):  # removed for the whole batch
+                    weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
+                    sums.put(j, None, weights)
+                    continue
+                inp = sums.input(j, w)
+            out = block(inp)
+            w_out = self._edge_weights(global_pool(out), j)
+            if live is not None:
+                w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
+            weights.append(w_out)
+            sums.put(j, out, weights)
+        if self._capture is not None:
+            self._record(weights, x.shape[0], x)
+        return sums.input(self.num_blocks, self._in_edges(weights, self.num_blocks))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
         routed = self.router_bias is not None
+        if not torch.jit.is_scripting() and self._use_blocked(routed, x):
+            return self._forward_blocked(x, skip)
         feats: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         tokens: List[torch.Tensor] = []
