@@ -352,3 +352,16 @@ def test_blocked_sums_skip_removed_nodes_with_identical_outputs():
         stage.skip_closed = True
         out = stage(x)
     assert not ran and torch.equal(out, ref)
+
+
+def test_tracers_and_scripting_see_per_node_sums():
+    stage = make_stage(n=13).eval()  # 2 * 6 < 13 blocks: eager no-grad forwards use blocked sums
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        eager = stage(x)
+        traced = {'fx': torch.fx.symbolic_trace(stage), 'jit.trace': torch.jit.trace(stage, x),
+                  'jit.script': torch.jit.script(stage)}
+        for name, module in traced.items():
+            graph_ops = str(module.graph)
+            assert 'baddbmm' not in graph_ops, name
+            assert torch.allclose(module(x), eager, rtol=1e-5, atol=1e-6), name

@@ -247,10 +247,11 @@ class GraphStage(nn.Module):
     @torch.jit.unused
     def _use_blocked(self, routed: bool, x: torch.Tensor) -> bool:
         """Blocked sums need the complete graph, eager execution and no autograd; in stages of up to
-        2k blocks at most one GEMM would fold anything, and the copies into the buffer cost more."""
-        return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not torch.is_grad_enabled() \
+        2k blocks at most one GEMM would fold anything, and the copies into the buffer cost more.
+        CPU only: they have not been measured on a GPU yet."""
+        return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not isinstance(x, torch.fx.Proxy) \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and not isinstance(x, torch.fx.Proxy)
+            and not torch.is_grad_enabled() and x.device.type == 'cpu'
 
     @torch.jit.unused
     def _forward_blocked(self, x: torch.Tensor, skip: bool) -> torch.Tensor:
