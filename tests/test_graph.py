@@ -319,20 +319,25 @@ def test_blocked_sums_match_per_node_sums(channels_last):
     x = torch.randn(2, 3, 16, 16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    seen = []
+    seen, kept = [], []
     for stage in stages:
         stage.eval()
         seen.clear()
         for b in stage.children():
             b.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
-        outs = {}
+            b.register_forward_pre_hook(lambda m, a: kept.append(a[0].detach()))
+        outs, inputs = {}, {}
         for k in (0, 1, 2, 3, 4):  # 4: 2k = 8 < 9 blocks
             stage.sum_block_size = k
+            kept.clear()
             with torch.no_grad():
                 outs[k] = stage(x)
+            inputs[k] = list(kept)  # a hook's copy of each block input must stay what the block saw
         outs['grad'] = stage(x)  # autograd on: per-node sums whatever the block size
         for k, y in outs.items():
             assert torch.allclose(y, outs[0], rtol=1e-5, atol=1e-6), k
+        for k in inputs:
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(inputs[k], inputs[0], strict=True)), k
         if channels_last and not isinstance(next(stage.children()), nn.Identity):
             assert all(seen), 'blocked sums hand blocks inputs in their layout'
 

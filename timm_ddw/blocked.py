@@ -2,13 +2,14 @@
 
 Summing each node's input on its own reads every earlier output once per later node: the
 O(n^2) passes over feature maps dominate DDW's inference cost (ResNet-101's 23-block stage reads
-300 maps per forward, three memory passes each with ``addcmul_``). Here node outputs are copied
-into one buffer, in the row that held their own (now consumed) input; when k consecutive rows
-hold outputs, one batched GEMM per sample adds that block into the inputs of every later node
-(``acc[later] += W @ acc[block]``). A GEMM with k sources and m targets moves k + 2m maps for
-k * m edges, so an edge costs a fraction of a pass; only the edges inside the open block are
-summed node by node (one GEMV each). The buffer is the only allocation: block outputs are freed
-as soon as they are copied, where the per-node sums keep every output alive.
+300 maps per forward, three memory passes each with ``addcmul_``). Here each node output is
+copied into one of k block slots; when the k slots are full, one batched GEMM per sample adds
+the block into the inputs of every later node at once (``inputs[later] += W @ block``). A GEMM
+with k sources and m targets moves k + 2m maps for k * m edges, so an edge costs a fraction of a
+pass; only the edges inside the open block are summed node by node (one GEMV each). Inputs and
+slots share one allocation, and block outputs are freed as soon as they are copied, where the
+per-node sums keep every output alive. A node's input row is never written after the node ran:
+hooks that keep a block's input keep what the block saw.
 
 Values equal the per-node sums up to float summation order. Used for eager forwards without
 autograd (``torch.no_grad``/``inference_mode``); training keeps the feature buffer.
@@ -37,7 +38,8 @@ class BlockedSums:
         self.n = num_blocks
         self.k = max(1, min(block_size, num_blocks))
         self.start = 0  # first node of the open block
-        self.acc: Optional[torch.Tensor] = None  # (n + 1) x B x D: node j's input, then its output
+        self.inputs: Optional[torch.Tensor] = None  # n x B x D: node j's input in row j - 1
+        self.block: Optional[torch.Tensor] = None  # k x B x D: outputs of nodes start..start+k-1
         self.order: List[int] = []
         self.inverse: List[int] = []
         self.shape: List[int] = []
@@ -46,45 +48,43 @@ class BlockedSums:
         self.order = _memory_order(x)
         self.inverse = [self.order.index(d) for d in range(x.dim())]
         self.shape = [x.shape[d] for d in self.order]
-        batch, numel = x.shape[0], x[0].numel()
-        self.acc = x.new_empty(self.n + 1, batch, numel)
+        buf = x.new_empty(self.n + self.k, x.shape[0], x[0].numel())
+        self.inputs, self.block = buf[:self.n], buf[self.n:]
 
     def _node_view(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(self.shape).permute(self.inverse)
 
     def put(self, i: int, x: Optional[torch.Tensor], weights: List[torch.Tensor]) -> None:
         """Node i's output (None: the node was skipped and its output edges are closed)."""
-        if self.acc is None:
+        if self.block is None:
             if x is None:
                 raise ValueError('node 0 always runs')
             self._setup(x)
-        acc = self.acc
-        assert acc is not None
-        if x is None:
-            acc[i].zero_()  # its weights are 0, but 0 * garbage may be NaN
-        else:
-            if x.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr():
-                x = x.clone()  # the block returned (a view of) its input
-            self._node_view(acc[i]).copy_(x)
+        inputs, block = self.inputs, self.block
+        assert inputs is not None and block is not None
         lo = self.start
+        if x is None:
+            block[i - lo].zero_()  # its weights are 0, but 0 * garbage may be NaN
+        else:
+            self._node_view(block[i - lo]).copy_(x)
         if i - lo + 1 < self.k or i + 1 >= self.n:
             return
         # the block is full: add it into the inputs of nodes i+1..n in one GEMM per sample
         w = torch.stack([weights[s][:, i - s:self.n - s] for s in range(lo, i + 1)], 2)  # B x m x k
-        with torch.autocast(acc.device.type, enabled=False):
-            acc[i + 1:].transpose(0, 1).baddbmm_(
-                w.to(acc.dtype), acc[lo:i + 1].transpose(0, 1), beta=0.0 if lo == 0 else 1.0)
+        with torch.autocast(block.device.type, enabled=False):
+            inputs[i:].transpose(0, 1).baddbmm_(
+                w.to(block.dtype), block.transpose(0, 1), beta=0.0 if lo == 0 else 1.0)
         self.start = i + 1
 
     def input(self, j: int, w: torch.Tensor) -> torch.Tensor:
         """Node j's input; the output node's is a tensor of its own, not a view of the buffer."""
-        acc = self.acc
-        assert acc is not None
+        inputs, block = self.inputs, self.block
+        assert inputs is not None and block is not None
         lo = self.start
-        row = acc[j]
+        row = inputs[j - 1]
         if j > lo:  # the edges from the open block, one GEMV per sample
-            with torch.autocast(acc.device.type, enabled=False):
-                row.unsqueeze(1).baddbmm_(w[:, None, lo:j].to(acc.dtype), acc[lo:j].transpose(0, 1),
+            with torch.autocast(block.device.type, enabled=False):
+                row.unsqueeze(1).baddbmm_(w[:, None, lo:j].to(block.dtype), block[:j - lo].transpose(0, 1),
                                           beta=0.0 if lo == 0 else 1.0)
         out = self._node_view(row)
         return out.clone() if j == self.n else out
