@@ -40,14 +40,13 @@ class BlockedSums:
         self.start = 0  # first node of the open block
         self.inputs: Optional[torch.Tensor] = None  # n x B x D: node j's input in row j - 1
         self.block: Optional[torch.Tensor] = None  # k x B x D: outputs of nodes start..start+k-1
-        self.order: List[int] = []
-        self.inverse: List[int] = []
+        self.inverse: List[int] = []  # node layout -> flat row: view(shape), then permute(inverse)
         self.shape: List[int] = []
 
     def _setup(self, x: torch.Tensor) -> None:
-        self.order = _memory_order(x)
-        self.inverse = [self.order.index(d) for d in range(x.dim())]
-        self.shape = [x.shape[d] for d in self.order]
+        order = _memory_order(x)
+        self.inverse = [order.index(d) for d in range(x.dim())]
+        self.shape = [x.shape[d] for d in order]
         buf = x.new_empty(self.n + self.k, x.shape[0], x[0].numel())
         self.inputs, self.block = buf[:self.n], buf[self.n:]
 
@@ -57,8 +56,7 @@ class BlockedSums:
     def put(self, i: int, x: Optional[torch.Tensor], weights: List[torch.Tensor]) -> None:
         """Node i's output (None: the node was skipped and its output edges are closed)."""
         if self.block is None:
-            if x is None:
-                raise ValueError('node 0 always runs')
+            assert x is not None, 'node 0 always runs'
             self._setup(x)
         inputs, block = self.inputs, self.block
         assert inputs is not None and block is not None

@@ -206,8 +206,9 @@ class GraphStage(nn.Module):
     def extra_repr(self) -> str:
         return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
 
-    def _edge_weights(self, pooled: torch.Tensor, i: int) -> torch.Tensor:
-        """Gated weights (B x out-degree) of node i's output edges, from its pooled output (B x C)."""
+    def _edge_weights(self, pooled: torch.Tensor, i: int, live: Optional[torch.Tensor]) -> torch.Tensor:
+        """Gated weights (B x out-degree) of node i's output edges, from its pooled output (B x C);
+        zero for the samples where node i is not ``live`` (removed: all its input edges closed)."""
         lo, hi = self.offsets[i], self.offsets[i + 1]
         bias, tau, weight = self.router_bias, self.tau, self.router_weight
         assert bias is not None and tau is not None
@@ -217,7 +218,8 @@ class GraphStage(nn.Module):
             z = bias[lo:hi].unsqueeze(0).expand(pooled.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
-        return gate_edges(alpha, tau[i:], self.gate, self.training)
+        w = gate_edges(alpha, tau[i:], self.gate, self.training)
+        return w if live is None else w * live.unsqueeze(1).to(w.dtype)
 
     def _fixed_sum(self, feats: List[torch.Tensor], j: int) -> torch.Tensor:
         """Node j's input under a fixed wiring: the plain sum of its sources."""
@@ -268,10 +270,7 @@ class GraphStage(nn.Module):
                     continue
                 inp = sums.input(j, w)
             out = block(inp)
-            w_out = self._edge_weights(global_pool(out), j)
-            if live is not None:
-                w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
-            weights.append(w_out)
+            weights.append(self._edge_weights(global_pool(out), j, live))
             sums.put(j, out, weights)
         if self._capture is not None:
             self._record(weights, x.shape[0], x)
@@ -288,7 +287,7 @@ class GraphStage(nn.Module):
         buf = None
         if not torch.jit.is_scripting() and self._use_buffer(routed, skip):
             buf = FeatureBuffer(self.preds)
-        live = torch.ones(0)
+        live: Optional[torch.Tensor] = None
         for j, block in enumerate(self.children()):
             inp = x
             removed = False
@@ -323,10 +322,7 @@ class GraphStage(nn.Module):
                         tokens.append(pooled)
                     else:
                         pooled = global_pool(out)
-                    w_out = self._edge_weights(pooled, j)
-                    if j > 0:
-                        w_out = w_out * live.unsqueeze(1).to(w_out.dtype)
-                    weights.append(w_out)
+                    weights.append(self._edge_weights(pooled, j, live))
         if not torch.jit.is_scripting() and self._capture is not None:
             self._record(weights, x.shape[0], feats[0])
 
