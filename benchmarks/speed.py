@@ -90,7 +90,9 @@ class Bench:
 
     def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
         torch.manual_seed(0)
-        self.model = timm.create_model(name, num_classes=1000).to(device)
+        kw = dict(features_only=True) if args.features_only else dict(num_classes=1000)
+        self.model = timm.create_model(name, **kw).to(device)
+        self.model.set_grad_checkpointing(args.grad_checkpointing)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=fmt)
         self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(memory_format=fmt)
@@ -112,7 +114,10 @@ class Bench:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = F.cross_entropy(self.fn(self.x), self.y)
+            out = self.fn(self.x)
+            # features_only: the feature maps' mean squares stand in for a task loss
+            loss = sum(o.float().square().mean() for o in out) if isinstance(out, list) \
+                else F.cross_entropy(out, self.y)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -203,6 +208,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile(model, fullgraph=True)')
     p.add_argument('--compile-backend', default='inductor')
+    p.add_argument('--grad-checkpointing', action='store_true', help='model.set_grad_checkpointing()')
+    p.add_argument('--features-only', action='store_true', help='timm features_only models (default feature_cls)')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds (median and spread over them)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per variant and round')
     p.add_argument('--warmup', type=int, default=1, help='untimed steps before each timing (3x in round 1)')
@@ -306,7 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json is None:
         tag = f'speed_{device.type}_{args.model}_b{args.batch_size}_{args.img_size}'
         tag += ''.join([f'_{args.amp_dtype}' if args.amp_dtype != 'none' else '',
-                        '_cl' if args.channels_last else '', '_compile' if args.compile else ''])
+                        '_cl' if args.channels_last else '', '_compile' if args.compile else '',
+                        '_features' if args.features_only else '', '_ckpt' if args.grad_checkpointing else ''])
         args.json = str(HERE / 'results' / f'{tag}.json')
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

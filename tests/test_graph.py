@@ -54,8 +54,17 @@ def reference_adjacency(stage, outs):
     return adj
 
 
-def test_stage_output_equals_independent_graph_computation():
-    stage = make_stage().eval()
+def reference_input(adj, outs, j, aggregation):
+    """Node j's input by Eq. 3 from the adjacency (a_ij), divided by max(1, sum_i a_ij) when bounded."""
+    a = adj[:, j, :j]
+    if aggregation == 'bounded':
+        a = a / a.sum(1, keepdim=True).clamp(min=1.0)
+    return sum(a[:, i].view(-1, 1, 1, 1) * outs[i] for i in range(j))
+
+
+@pytest.mark.parametrize('aggregation', ['bounded', 'sum'])
+def test_stage_output_equals_independent_graph_computation(aggregation):
+    stage = make_stage(aggregation=aggregation).eval()
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad(), timm_ddw.capture_routing(stage) as cap:
         outs, y = node_outputs(stage, x)
@@ -66,10 +75,10 @@ def test_stage_output_equals_independent_graph_computation():
     assert torch.equal(M, M.tril(-1)) and M.min() >= 0 and M.max() <= 1
     # node j's input is sum_i a_ij x_i, and the output node aggregates every block node
     blocks = list(stage.children())
+    assert (adj[:, 1:].sum(2) > 1).any()  # the bound acts
     for j in range(1, 4):
-        agg = sum(adj[:, j, i].view(-1, 1, 1, 1) * outs[i] for i in range(j))
-        assert torch.allclose(blocks[j](agg), outs[j], atol=1e-5)
-    ref_y = sum(adj[:, 4, i].view(-1, 1, 1, 1) * outs[i] for i in range(4))
+        assert torch.allclose(blocks[j](reference_input(adj, outs, j, aggregation)), outs[j], atol=1e-5)
+    ref_y = reference_input(adj, outs, 4, aggregation)
     assert torch.allclose(y, ref_y, atol=1e-5)
 
 
@@ -191,12 +200,41 @@ def test_capture_leaves_no_state_and_costs_nothing_outside():
         model(torch.randn(3, 3, 32, 32))
     assert [m.shape[0] for m in cap['layer2']] == [2, 3]
     assert set(model.state_dict()) == keys and [n for n, _ in model.named_buffers()] == buffers
-    assert all(s._capture is None for s in timm_ddw.graph_stages(model).values())
+    assert all(not s._captures for s in timm_ddw.graph_stages(model).values())
     model(torch.randn(2, 3, 32, 32))
     assert len(cap['layer2']) == 2
     with pytest.raises(ValueError, match='no DDW graph stages'):
         with timm_ddw.capture_routing(nn.Linear(2, 2)):
             pass
+
+
+def test_nested_captures_each_record_every_forward():
+    stage = make_stage().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), timm_ddw.capture_routing(stage) as outer:
+        stage(x)
+        with timm_ddw.capture_routing(stage) as inner:
+            stage(x)
+        stage(x)  # the inner block's exit once turned the outer one off
+    assert len(outer['']) == 3 and len(inner['']) == 1
+    assert torch.equal(inner[''][0], outer[''][1]) and not stage._captures
+
+
+def test_applied_weights_are_what_the_nodes_sum():
+    stage = make_stage(router_bias=1.0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), timm_ddw.capture_routing(stage) as cap:
+        outs, y = node_outputs(stage, x)
+    a = cap[''][0].double()
+    for aggregation in ('bounded', 'sum'):
+        w = timm_ddw.applied_weights(a, aggregation)
+        assert torch.allclose(w, a / a.sum(2, keepdim=True).clamp(min=1) if aggregation == 'bounded' else a)
+    w = timm_ddw.applied_weights(a)
+    assert (a.sum(2) > 1).any() and torch.allclose(w.sum(2)[a.sum(2) > 1], torch.ones(1, dtype=w.dtype))
+    ref_y = sum(w[:, 4, i].view(-1, 1, 1, 1) * outs[i].double() for i in range(4))
+    assert torch.allclose(y.double(), ref_y, atol=1e-5)
+    with pytest.raises(ValueError, match='aggregation'):
+        timm_ddw.applied_weights(a, 'mean')
 
 
 def test_weighted_sum_matches_reference_and_grads():
@@ -291,12 +329,97 @@ def test_buffer_recomputes_block_inputs_instead_of_saving_them(monkeypatch):
     assert counts[False] == 8 and counts[True] == 11
 
 
-def test_blocked_sums_equal_the_independent_graph_computation(monkeypatch):
+def _double_stage():
+    stage = make_stage(n=4, threshold_init=0.3).double().train()
+    plain = make_stage(n=4, threshold_init=0.3).double().train()
+    plain.use_buffer = False
+    return stage, plain
+
+
+def _grads(stage, loss_fn, x):
+    stage.zero_grad(set_to_none=True)
+    loss_fn(stage, x)
+    return [p.grad.clone() for p in stage.parameters()]
+
+
+def _assert_same(a, b, what):
+    for ga, gb in zip(a, b, strict=True):
+        assert torch.allclose(ga, gb, rtol=1e-9, atol=1e-12), what
+
+
+def test_buffer_allows_repeated_and_partial_backward():
+    """retain_graph, a second backward, autograd.grad and a backward from inside the stage give
+    plain autograd's gradients (the buffer used to raise KeyError on the second pass)."""
+    stage, plain = _double_stage()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def twice(s, x):
+        out = s(x)
+        out[:, 0].sum().backward(retain_graph=True)
+        out[:, 1].sum().backward()
+    _assert_same(_grads(stage, twice, x), _grads(plain, twice, x), 'two backwards')
+
+    def by_grad(s, x):
+        out = s(x)
+        params = list(s.parameters())
+        first = torch.autograd.grad(out.square().sum(), params, retain_graph=True)
+        second = torch.autograd.grad(out.sum(), params[-3:], retain_graph=True)  # a subset
+        for p, g1 in zip(params, first, strict=True):
+            p.grad = g1.clone()
+        for p, g2 in zip(params[-3:], second, strict=True):
+            p.grad += g2
+    _assert_same(_grads(stage, by_grad, x), _grads(plain, by_grad, x), 'autograd.grad')
+
+    def from_inside(s, x):  # a pass that reaches only the first nodes, then a full one
+        outs = []
+        hook = list(s.children())[1].register_forward_hook(lambda m, i, o: outs.append(o))
+        out = s(x)
+        hook.remove()
+        outs[0].sum().backward(retain_graph=True)
+        out.square().sum().backward()
+    _assert_same(_grads(stage, from_inside, x), _grads(plain, from_inside, x), 'partial pass first')
+
+
+def test_buffer_double_backward_and_gradcheck():
+    """Gradient penalties (create_graph) get plain autograd's second derivatives."""
+    stage, plain = _double_stage()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def penalty(s, x):
+        g, = torch.autograd.grad(s(x).square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+    _assert_same(_grads(stage, penalty, x), _grads(plain, penalty, x), 'double backward')
+    assert torch.autograd.gradcheck(stage, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(stage, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize('how', ['eval forward', 'autograd.grad on a subset'])
+def test_forward_without_backward_frees_every_node_output(how):
+    """Nothing of a forward stays alive once its output is dropped (the buffer once kept all of
+    ddw_resnet50's 80 node outputs, 77 MiB per forward at batch 4, 96 px)."""
+    import gc
+    import weakref
+    model = timm.create_model('ddw_resnet18', num_classes=3)
+    model.eval() if how == 'eval forward' else model.train()
+    refs = []
+    for stage in timm_ddw.graph_stages(model).values():
+        for block in stage.children():
+            block.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    out = model(torch.randn(2, 3, 32, 32))
+    if how != 'eval forward':
+        torch.autograd.grad(out.sum(), [model.fc.weight])
+    del out
+    gc.collect()
+    assert len(refs) == 8 and all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize('aggregation', ['bounded', 'sum'])
+def test_blocked_sums_equal_the_independent_graph_computation(monkeypatch, aggregation):
     import timm_ddw.blocked as blocked
     folds = []
     real = blocked.BlockedSums.put
     monkeypatch.setattr(blocked.BlockedSums, 'put', lambda self, i, *a: folds.append(self.start) or real(self, i, *a))
-    stage = make_stage(n=7, router_bias=0.5, threshold_init=0.4).double().eval()
+    stage = make_stage(n=7, router_bias=0.5, threshold_init=0.4, aggregation=aggregation).double().eval()
     stage.sum_block_size = 2  # 2k < 7 blocks: blocked; folds after nodes 1, 3 and 5
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad(), timm_ddw.capture_routing(stage) as cap:
@@ -306,10 +429,10 @@ def test_blocked_sums_equal_the_independent_graph_computation(monkeypatch):
     assert torch.allclose(cap[''][0].double(), adj, atol=1e-6)
     assert (adj.tril(-1) == 0).any() and (adj.tril(-1) > 0).any()  # some edges closed, some open
     blocks = list(stage.children())
+    assert (adj[:, 1:].sum(2) > 1).any()  # the bound acts
     for j in range(1, 7):
-        agg = sum(adj[:, j, i].view(-1, 1, 1, 1) * outs[i] for i in range(j))
-        assert torch.allclose(blocks[j](agg), outs[j], rtol=0, atol=1e-12)
-    ref_y = sum(adj[:, 7, i].view(-1, 1, 1, 1) * outs[i] for i in range(7))
+        assert torch.allclose(blocks[j](reference_input(adj, outs, j, aggregation)), outs[j], rtol=0, atol=1e-12)
+    ref_y = reference_input(adj, outs, 7, aggregation)
     assert torch.allclose(y, ref_y, rtol=0, atol=1e-12)
 
 

@@ -74,7 +74,8 @@ def test_export_folder_contents(exported, static_model):
     config = json.loads((exported / 'config.json').read_text())
     assert config['architecture'] == 'ddw_resnet18' and config['num_classes'] == 10
     assert config['model_args'] == dict(num_classes=10, in_chans=3, wiring='static', router_bias=3.0,
-                                        threshold_init=0.0, gate='ste', wiring_seed=0, global_pool='avg')
+                                        threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded',
+                                        global_pool='avg')
     cfg = config['pretrained_cfg']
     assert 'hf_hub_id' not in cfg and 'tag' not in cfg  # the twin's chain-init source is not carried over
     assert cfg['input_size'] == [3, 224, 224] and cfg['crop_pct'] == 0.95 and cfg['license'] == 'apache-2.0'

@@ -1,4 +1,6 @@
 """The nine models honour timm's model contract the way their twins do."""
+import pickle
+
 import pytest
 import timm
 import torch
@@ -75,6 +77,38 @@ def test_features_only_matches_twin(name):
     assert [f.shape[1] for f in dyn(x)] == [twin.feature_info.channels()[i] for i in (1, 3)]
 
 
+FEATURE_CLASSES = [None, 'list', 'dict', 'hook', 'fx', 'getter']
+
+
+@pytest.mark.parametrize('name', ['ddw_resnet18', 'ddw_mobilenetv2_100'])  # the two feature paths
+def test_every_feature_class_the_twin_supports(name):
+    """Each features_only mode of the twin works, has every graph stage, equals the twin in chain
+    mode, and checkpoints node by node (two modes once raised, three silently built the static twin)."""
+    x = torch.randn(1, 3, 64, 64)
+    num_stages = len(timm_ddw.graph_stages(timm.create_model(name)))
+    for feature_cls in FEATURE_CLASSES:
+        kw = {} if feature_cls is None else dict(feature_cls=feature_cls)
+        try:
+            twin = timm.create_model(TWINS[name], features_only=True, **kw).eval()
+        except AssertionError:  # timm's own wrapper refuses this model (EfficientNet with list/dict)
+            with pytest.raises(AssertionError):
+                timm.create_model(name, features_only=True, **kw)
+            continue
+        model = timm.create_model(name, features_only=True, wiring='chain', **kw).eval()
+        assert len(timm_ddw.graph_stages(model)) == num_stages, feature_cls
+        model.load_state_dict(twin.state_dict(), strict=True)
+        with torch.no_grad():
+            out, ref = model(x), twin(x)
+        out, ref = (list(o.values()) if isinstance(o, dict) else o for o in (out, ref))
+        assert len(out) == len(ref) and all(torch.equal(a, b) for a, b in zip(out, ref)), feature_cls
+        dyn = timm.create_model(name, features_only=True, **kw)
+        dyn.set_grad_checkpointing(True)
+        stages = timm_ddw.graph_stages(dyn).values()
+        assert len(stages) == num_stages and all(s.grad_checkpointing for s in stages), feature_cls
+        assert not getattr(dyn, 'grad_checkpointing', False), f'{feature_cls}: the wrapper checkpoints whole stages'
+        assert isinstance(pickle.loads(pickle.dumps(dyn)), type(dyn))
+
+
 @pytest.mark.parametrize('name', ['ddw_resnet50', 'ddw_regnety_600m', 'ddw_efficientnet_b0'])
 def test_timm_api_matches_twin_in_chain_mode(name):
     model, twin = build_pair(name, wiring='chain')
@@ -101,8 +135,9 @@ def test_timm_api_matches_twin_in_chain_mode(name):
 
 @pytest.mark.parametrize('name', ['ddw_resnet18', 'ddw_regnetx_600m', 'ddw_mobilenetv2_100'])
 def test_grad_checkpointing_same_outputs_and_grads(name):
-    model = timm.create_model(name, num_classes=5, drop_rate=0.0).train()
-    x = torch.randn(2, 3, 64, 64)
+    # float64: batch-norm backward at init amplifies float32 summation-order differences to ~1%
+    model = timm.create_model(name, num_classes=5, drop_rate=0.0).train().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
 
     def run():
         model.zero_grad()
@@ -117,14 +152,14 @@ def test_grad_checkpointing_same_outputs_and_grads(name):
     ref_out, ref_grads = run()
     assert len(calls) == 1
     model.set_grad_checkpointing(True)
-    assert model.grad_checkpointing is False
+    assert getattr(model, 'grad_checkpointing', False) is False
     assert all(s.grad_checkpointing for s in timm_ddw.graph_stages(model).values())
     calls.clear()
     out, grads = run()
     assert len(calls) == 2, 'checkpointed blocks run again in backward'
-    assert torch.allclose(out, ref_out, atol=1e-6)
+    assert torch.allclose(out, ref_out, atol=1e-10)
     for n in ref_grads:
-        assert torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
+        assert (grads[n] - ref_grads[n]).norm() <= 1e-6 * ref_grads[n].norm() + 1e-12, n
 
 
 def test_group_matcher_and_layer_decay():

@@ -108,9 +108,10 @@ def test_bad_node_count():
         timm_ddw.WIRINGS['er'].graph(1, 0)
 
 
-def test_dense_is_the_complete_graph_with_unit_weights():
+@pytest.mark.parametrize('aggregation', ['bounded', 'sum'])
+def test_dense_is_the_complete_graph_with_unit_weights(aggregation):
     m = timm.create_model('ddw_resnet18', wiring='dense', in_chans=1, num_classes=3, layers=(3, 3, 3, 3),
-                          channels=(8, 8, 8, 8), stem_width=8).eval()
+                          channels=(8, 8, 8, 8), stem_width=8, aggregation=aggregation).eval()
     assert not any(k.rpartition('.')[2] in ('router_weight', 'router_bias', 'tau') for k in m.state_dict())
     stage = m.layer2
     assert stage.preds == complete_graph(4)
@@ -118,8 +119,12 @@ def test_dense_is_the_complete_graph_with_unit_weights():
     with torch.no_grad():
         f0 = stage.get_submodule('0')(x)
         f1 = stage.get_submodule('1')(f0)
-        f2 = stage.get_submodule('2')(f0 + f1)
-        expect = f0 + f1 + f2
+        if aggregation == 'sum':
+            f2 = stage.get_submodule('2')(f0 + f1)
+            expect = f0 + f1 + f2
+        else:  # weight 1 on every edge, bounded: the mean of the sources
+            f2 = stage.get_submodule('2')((f0 + f1) / 2)
+            expect = (f0 + f1 + f2) / 3
         torch.testing.assert_close(stage(x), expect)
         with timm_ddw.capture_routing(m) as rec:
             m(torch.randn(2, 1, 32, 32))

@@ -74,12 +74,17 @@ class BlockedSums:
                 w.to(block.dtype), block.transpose(0, 1), beta=0.0 if lo == 0 else 1.0)
         self.start = i + 1
 
-    def input(self, j: int, w: torch.Tensor) -> torch.Tensor:
-        """Node j's input; the output node's is a tensor of its own, not a view of the buffer."""
+    def input(self, j: int, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Node j's input ``scale * sum_i w_ij x_i`` (``scale``: one factor per sample, or None);
+        the output node's is a tensor of its own, not a view of the buffer."""
         inputs, block = self.inputs, self.block
         assert inputs is not None and block is not None
         lo = self.start
         row = inputs[j - 1]
+        if scale is not None:
+            if lo > 0:  # the folded blocks were added with the unscaled weights
+                row.mul_(scale.to(row.dtype)[:, None])
+            w = w * scale[:, None]
         if j > lo:  # the edges from the open block, one GEMV per sample
             with torch.autocast(block.device.type, enabled=False):
                 row.unsqueeze(1).baddbmm_(w[:, None, lo:j].to(block.dtype), block[:j - lo].transpose(0, 1),

@@ -1,7 +1,7 @@
 """The paper's buffer mechanism (Sec. 3.4), extended from adjacency matrices to features.
 
-A stage's node outputs and the gradients of its aggregations live in one per-forward buffer,
-so that training reads each feature map once per edge in both directions:
+A stage's aggregations share one per-forward buffer with a hand-written backward, so that
+training reads each feature map once per edge in both directions:
 
 - forward: node j's input ``sum_i a_ij x_i`` is accumulated in place;
 - backward: ``dL/da_ij = <dL/dagg_j, x_i>`` is a per-sample dot product (no elementwise temporary),
@@ -10,17 +10,23 @@ so that training reads each feature map once per edge in both directions:
   adds up.
 
 Each node output is registered with ``put``, which returns its global average pool for the
-node's router; aggregations take their sources' pooled outputs as inputs, so autograd runs a
-node's backward only after all its consumers, and the router's gradient (a broadcast) is folded
-into the same single pass that sums the consumers' gradients.
+node's router and an alias of the output; aggregations take the aliases as inputs, so autograd
+runs a node's backward only after all its consumers, and the router's gradient (a broadcast) is
+folded into the same single pass that sums the consumers' gradients.
+
+The buffer itself holds no features, only the gradients in flight during one backward pass (cleared
+when the pass ends). Features live in autograd's saved tensors, so autograd decides when they are
+freed: a forward without a backward frees everything, and ``retain_graph``, ``autograd.grad`` on a
+subset, repeated backwards and double backward (``create_graph``: the hand-written backward is
+then computed with differentiable operations) give the gradients plain autograd gives.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 
 def accumulate(xs: List[torch.Tensor], w: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``base + sum_k w[:, k] * xs[k]`` into one new tensor, without autograd.
+    """``base + sum_k w[:, k] * xs[k]`` into one new tensor (differentiable: double backward uses it).
 
     ``base`` may be a broadcast (e.g. B x C x 1 x 1); it costs no pass of its own.
     """
@@ -36,8 +42,10 @@ def accumulate(xs: List[torch.Tensor], w: torch.Tensor, base: Optional[torch.Ten
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """The routers' global average pool, as a sum: its backward is a broadcast, not a division."""
-    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+    """The routers' global average pool, summed in float32 (a float16 sum of 56 x 56 values of 25
+    is already inf), returned in the input's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.sum((2, 3), dtype=acc).mul_(1.0 / (x.shape[2] * x.shape[3])).to(x.dtype)
 
 
 def _flat_pair(a: torch.Tensor, b: torch.Tensor):
@@ -57,89 +65,121 @@ def _batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureBuffer:
-    """Node outputs, in-edge weights and aggregation gradients of one stage forward."""
-    __slots__ = ('preds', 'feats', 'weights', 'grads', 'pending', 'recomputed')
+    """Aggregation gradients of one stage forward, passed from consumers to their sources in backward."""
+    __slots__ = ('preds', 'succs', 'grads', 'pending', 'clear_queued')
 
     def __init__(self, preds: List[List[int]]):
         self.preds = preds
-        self.feats: Dict[int, torch.Tensor] = {}
-        self.weights: Dict[int, torch.Tensor] = {}
-        self.grads: Dict[int, torch.Tensor] = {}
-        self.pending: Dict[int, int] = {}  # sources of node j whose gradient still needs grads[j]
-        self.recomputed: Dict[int, torch.Tensor] = {}
+        self.succs: List[List[int]] = [[j for j in range(len(preds)) if i in preds[j]] for i in range(len(preds))]
+        self.grads: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # node j: (dL/d input_j, its weights)
+        self.pending: Dict[int, int] = {}  # sources of node j that still need grads[j] in this pass
+        self.clear_queued = False
 
-    def put(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def put(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Node i's pooled output (for its router) and the alias that aggregations take as a source."""
         return _Put.apply(self, i, x)
 
-    def aggregate(self, j: int, w: torch.Tensor, tokens: List[torch.Tensor]) -> torch.Tensor:
-        return _Aggregate.apply(self, j, w, *tokens)
+    def aggregate(self, j: int, w: torch.Tensor, sources: List[torch.Tensor]) -> torch.Tensor:
+        return _Aggregate.apply(self, j, w, *sources)
 
-    def recompute_input(self, j: int, inp: torch.Tensor) -> torch.autograd.graph.saved_tensors_hooks:
-        """While node j's block runs, keep its input (the aggregation) out of the saved tensors and
-        recompute it from the buffer in backward: one feature map less per node for one more sum."""
-        key = (inp.data_ptr(), inp.shape, inp.stride(), inp.dtype, inp.device)
+    def _stash(self, j: int, g: torch.Tensor, w: torch.Tensor) -> None:
+        self.grads[j] = (g, w)
+        self.pending[j] = len(self.preds[j])
+        if not self.clear_queued:  # a pass that does not reach every source must not leave grads behind
+            self.clear_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._clear)
 
-        def pack(t: torch.Tensor):
-            if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) == key:
-                return j
-            return t
+    def _clear(self) -> None:
+        self.grads.clear()
+        self.pending.clear()
+        self.clear_queued = False
 
-        def unpack(packed):
-            if not isinstance(packed, int):
-                return packed
-            if packed not in self.recomputed:
-                xs = [self.feats[i] for i in self.preds[packed]]
-                out = accumulate(xs, self.weights[packed])
-                if out.stride() != key[2]:  # the block saw another memory layout
-                    out = torch.empty_strided(key[1], key[2], dtype=out.dtype, device=out.device).copy_(out)
-                self.recomputed[packed] = out
-            return self.recomputed[packed]
+    def _take(self, i: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The gradients of node i's consumers and the weights of their edges from i."""
+        grads, cols = [], []
+        for j in self.succs[i]:
+            if j not in self.grads:  # not on this pass's path
+                continue
+            g, w = self.grads[j]
+            grads.append(g)
+            cols.append(w[:, self.preds[j].index(i)])
+            self.pending[j] -= 1
+            if not self.pending[j]:  # free each gradient as soon as its last source used it
+                del self.grads[j], self.pending[j]
+        return grads, cols
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+class _Recompute:
+    """What node j's block saves instead of its input: the sources and weights to sum it again."""
+    __slots__ = ('sources', 'w', 'shape', 'stride', 'value')
+
+    def __init__(self, sources: List[torch.Tensor], w: torch.Tensor, inp: torch.Tensor):
+        self.sources = [x.detach() for x in sources]
+        self.w, self.shape, self.stride, self.value = w.detach(), inp.shape, inp.stride(), None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            out = accumulate(self.sources, self.w)
+            if out.stride() != self.stride:  # the block saw another memory layout
+                out = torch.empty_strided(self.shape, self.stride, dtype=out.dtype, device=out.device).copy_(out)
+            self.value = out
+        return self.value
+
+
+def recompute_input(inp: torch.Tensor, w: torch.Tensor, sources: List[torch.Tensor]):
+    """While a node's block runs, keep its input (the aggregation) out of the saved tensors and
+    recompute it from ``sources`` and ``w`` in backward: one feature map less per node for one more sum.
+
+    Every other saved tensor is packed detached (autograd restores its graph when unpacking): packing
+    an op's own output as it is would tie the op to itself, a cycle the garbage collector cannot see.
+    """
+    holder = _Recompute(sources, w, inp)
+    key = (inp.data_ptr(), inp.shape, inp.stride(), inp.dtype, inp.device)
+
+    def pack(t: torch.Tensor):
+        if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) == key:
+            return holder
+        return t.detach()
+
+    def unpack(packed):
+        return packed.get() if isinstance(packed, _Recompute) else packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class _Put(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buf: FeatureBuffer, i: int, x: torch.Tensor) -> torch.Tensor:
-        buf.feats[i] = x
+    def forward(ctx, buf: FeatureBuffer, i: int, x: torch.Tensor):
+        ctx.set_materialize_grads(False)
         ctx.buf, ctx.i, ctx.hw = buf, i, x.shape[2] * x.shape[3]
-        return global_pool(x)
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return global_pool(x), x.view_as(x)
 
     @staticmethod
-    def backward(ctx, pooled_grad: torch.Tensor):
-        buf, i = ctx.buf, ctx.i
-        grads, cols = [], []
-        for j, g in list(buf.grads.items()):
-            src = buf.preds[j]
-            if i in src:
-                grads.append(g)
-                cols.append(buf.weights[j][:, src.index(i)])
-                buf.pending[j] -= 1
-                if not buf.pending[j]:  # free each gradient as soon as its last source used it
-                    del buf.grads[j]
-        x = buf.feats.pop(i)
-        pool_part = (pooled_grad * (1.0 / ctx.hw))[:, :, None, None]
+    def backward(ctx, pooled_grad: Optional[torch.Tensor], alias_grad: Optional[torch.Tensor]):
+        grads, cols = ctx.buf._take(ctx.i)
+        base = alias_grad  # only if something besides the aggregations used the alias
+        if pooled_grad is not None:
+            pool_part = (pooled_grad.to(ctx.dtype) * (1.0 / ctx.hw))[:, :, None, None]
+            base = pool_part if base is None else base + pool_part
         if not grads:
-            return None, None, pool_part.expand_as(x)
-        return None, None, accumulate(grads, torch.stack(cols, 1), base=pool_part)
+            return None, None, None if base is None else base.expand(ctx.shape)
+        return None, None, accumulate(grads, torch.stack(cols, 1), base=base)
 
 
 class _Aggregate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buf: FeatureBuffer, j: int, w: torch.Tensor, *tokens: torch.Tensor) -> torch.Tensor:
-        buf.weights[j] = w.detach()
-        buf.pending[j] = len(buf.preds[j])
-        ctx.buf, ctx.j, ctx.num_tokens = buf, j, len(tokens)
-        return accumulate([buf.feats[i] for i in buf.preds[j]], w)
+    def forward(ctx, buf: FeatureBuffer, j: int, w: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, *sources)
+        ctx.buf, ctx.j = buf, j
+        return accumulate(list(sources), w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        buf, j = ctx.buf, ctx.j
-        buf.grads[j] = g
-        buf.recomputed.pop(j, None)  # node j's block has run its backward
+        w, *sources = ctx.saved_tensors
+        ctx.buf._stash(ctx.j, g, w)
         grad_w: Optional[torch.Tensor] = None
         if ctx.needs_input_grad[2]:
-            grad_w = torch.stack([_batched_dot(*_flat_pair(g, buf.feats[i])) for i in buf.preds[j]], 1)
-            grad_w = grad_w.to(buf.weights[j].dtype)
-        # the sources' pooled outputs are inputs only to order the backward: no gradient
-        return (None, None, grad_w) + (None,) * ctx.num_tokens
+            grad_w = torch.stack([_batched_dot(*_flat_pair(g, x)) for x in sources], 1).to(w.dtype)
+        # the sources' gradients are summed once per source, in _Put.backward
+        return (None, None, grad_w) + (None,) * len(sources)

@@ -12,15 +12,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import checkpoint
 
 from .blocked import BlockedSums
-from .buffer import FeatureBuffer, global_pool
+from .buffer import FeatureBuffer, global_pool, recompute_input
 
-__all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'register_wiring', 'weighted_sum', 'gate_edges']
+__all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'AGGREGATIONS', 'register_wiring', 'weighted_sum',
+           'gate_edges', 'bound_weights']
 
 GATES = ('ste', 'psi')
+AGGREGATIONS = ('bounded', 'sum')
 EDGE_KINDS = ('router', 'learned', 'fixed')
 
 Graph = List[List[int]]  # preds[j] for j = 0..n (preds[0] is empty)
@@ -81,6 +83,16 @@ def gate_edges(alpha: torch.Tensor, tau: torch.Tensor, gate: str, training: bool
     return hard.detach() + (psi - psi.detach())
 
 
+def bound_weights(w: torch.Tensor) -> torch.Tensor:
+    """Node input weights (``... x in-degree``) divided by ``max(1, their sum)`` (``aggregation='bounded'``).
+
+    Eq. 3 literally, while a node's input weights sum to at most 1; above that, a convex
+    combination of its sources, so the input's scale no longer grows with the number of nodes
+    (timm's blocks keep their own shortcuts: with the literal sum it doubles at every node).
+    """
+    return w / w.sum(-1, keepdim=True).clamp(min=1.0)
+
+
 @register_notrace_function
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs))."""
@@ -111,11 +123,14 @@ def _out_channels(block: nn.Module) -> int:
     return widths[-1]
 
 
-def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int) -> None:
+def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int,
+                aggregation: str) -> None:
     if not isinstance(wiring, str) or wiring not in WIRINGS:
         raise ValueError(f"wiring={wiring!r} is not one of {sorted(WIRINGS)}")
-    if gate not in GATES:
+    if not isinstance(gate, str) or gate not in GATES:
         raise ValueError(f"gate={gate!r} is not one of {GATES}")
+    if not isinstance(aggregation, str) or aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
     if isinstance(router_bias, bool) or not isinstance(router_bias, (int, float)) or not math.isfinite(router_bias):
         raise ValueError(f'router_bias={router_bias!r} must be a finite number (the paper uses +3)')
     if isinstance(threshold_init, bool) or not isinstance(threshold_init, (int, float)) \
@@ -125,6 +140,7 @@ def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: st
         raise ValueError(f'wiring_seed={wiring_seed!r} must be a non-negative int')
 
 
+@register_notrace_module  # a leaf for timm's FX feature extraction: stages keep their flags and capture
 class GraphStage(nn.Module):
     """A stage of timm blocks wired as a DAG; the blocks keep their names and weights.
 
@@ -136,6 +152,7 @@ class GraphStage(nn.Module):
     preds: List[List[int]]
     pos: List[List[int]]
     offsets: List[int]
+    _captures: List[List[torch.Tensor]]
 
     def __init__(
             self,
@@ -145,10 +162,11 @@ class GraphStage(nn.Module):
             threshold_init: float = 0.0,
             gate: str = 'ste',
             wiring_seed: int = 0,
+            aggregation: str = 'bounded',
             channels: Optional[int] = None,
     ):
         super().__init__()
-        _check_args(wiring, router_bias, threshold_init, gate, wiring_seed)
+        _check_args(wiring, router_bias, threshold_init, gate, wiring_seed, aggregation)
         named = list(blocks.named_children())
         if not named:
             raise ValueError('a graph stage needs at least one block')
@@ -159,6 +177,7 @@ class GraphStage(nn.Module):
         self.wiring = wiring
         self.edges = spec.edges
         self.gate = gate
+        self.bounded = aggregation == 'bounded'
         self.num_blocks = n
         self.num_nodes = n + 1  # the blocks and the output node
         self.grad_checkpointing = False
@@ -168,7 +187,7 @@ class GraphStage(nn.Module):
         # forwards without autograd fold node outputs into later inputs in blocks of this many
         # nodes (timm_ddw.blocked) when the stage has more than twice as many blocks; 0: never
         self.sum_block_size = 6
-        self._capture: Optional[List[torch.Tensor]] = None
+        self._captures: List[List[torch.Tensor]] = []  # one list per active capture_routing block
 
         preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
         self._check_graph(preds, n)
@@ -203,8 +222,13 @@ class GraphStage(nn.Module):
             if not preds[j] or any(not 0 <= i < j for i in preds[j]):
                 raise ValueError(f'node {j} needs predecessors among nodes 0..{j - 1}, got {preds[j]}')
 
+    @property
+    def aggregation(self) -> str:
+        return 'bounded' if self.bounded else 'sum'
+
     def extra_repr(self) -> str:
-        return f'wiring={self.wiring!r}, gate={self.gate!r}, nodes={self.num_blocks + 1}'
+        return f'wiring={self.wiring!r}, gate={self.gate!r}, aggregation={self.aggregation!r}, ' \
+               f'nodes={self.num_blocks + 1}'
 
     def _edge_weights(self, pooled: torch.Tensor, i: int, live: Optional[torch.Tensor]) -> torch.Tensor:
         """Gated weights (B x out-degree) of node i's output edges, from its pooled output (B x C);
@@ -221,18 +245,28 @@ class GraphStage(nn.Module):
         w = gate_edges(alpha, tau[i:], self.gate, self.training)
         return w if live is None else w * live.unsqueeze(1).to(w.dtype)
 
-    def _fixed_sum(self, feats: List[torch.Tensor], j: int) -> torch.Tensor:
-        """Node j's input under a fixed wiring: the plain sum of its sources."""
-        src = self.preds[j]
-        out = feats[src[0]]
-        for i in src[1:]:
-            out = out + feats[i]
+    def _fixed_sum(self, sources: List[torch.Tensor]) -> torch.Tensor:
+        """A node's input under a fixed wiring: the sum of its sources (their mean if bounded)."""
+        out = sources[0]
+        for t in sources[1:]:
+            out = out + t
+        if self.bounded and len(sources) > 1:
+            out = out.mul_(1.0 / len(sources))  # a new tensor: the first add made it
         return out
 
     def _in_edges(self, weights: List[torch.Tensor], j: int) -> torch.Tensor:
-        """Weights (B x in-degree) of node j's input edges, in ``preds[j]`` order."""
+        """Gated weights a_ij (B x in-degree) of node j's input edges, in ``preds[j]`` order."""
         pos = self.pos[j]
         return torch.stack([weights[i][:, pos[k]] for k, i in enumerate(self.preds[j])], dim=1)
+
+    def _applied(self, w: torch.Tensor) -> torch.Tensor:
+        """The weights node j's input is summed with (Eq. 3's, bounded unless ``aggregation='sum'``)."""
+        return bound_weights(w) if self.bounded else w
+
+    @torch.jit.unused
+    def _bound_scale(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample ``1 / max(1, sum_i a_ij)`` for the blocked sums, which fold sources in with a_ij."""
+        return 1.0 / w.sum(1).clamp(min=1.0) if self.bounded else None
 
     @torch.jit.unused
     def _open_sources(self, w: torch.Tensor, j: int) -> Tuple[List[int], torch.Tensor]:
@@ -268,71 +302,84 @@ class GraphStage(nn.Module):
                     weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
                     sums.put(j, None, weights)
                     continue
-                inp = sums.input(j, w)
+                inp = sums.input(j, w, self._bound_scale(w))
             out = block(inp)
             weights.append(self._edge_weights(global_pool(out), j, live))
             sums.put(j, out, weights)
-        if self._capture is not None:
+        if self._captures:
             self._record(weights, x.shape[0], x)
-        return sums.input(self.num_blocks, self._in_edges(weights, self.num_blocks))
+        w = self._in_edges(weights, self.num_blocks)
+        return sums.input(self.num_blocks, w, self._bound_scale(w))
+
+    def _run_node(self, block: nn.Module, w: Optional[torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """A node as one checkpointed unit: its input is summed again when the block is recomputed,
+        so checkpointing keeps only the node outputs, as it keeps only block outputs in the twin."""
+        return block(self._fixed_sum(list(sources)) if w is None else weighted_sum(list(sources), w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
         routed = self.router_bias is not None
         if not torch.jit.is_scripting() and self._use_blocked(routed, x):
             return self._forward_blocked(x, skip)
-        feats: List[torch.Tensor] = []
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        feats: List[torch.Tensor] = []  # node outputs (with the buffer: their aliases, the buffer's sources)
         weights: List[torch.Tensor] = []
-        tokens: List[torch.Tensor] = []
         buf = None
-        if not torch.jit.is_scripting() and self._use_buffer(routed, skip):
+        if not torch.jit.is_scripting() and not ckpt and self._use_buffer(routed, skip):
             buf = FeatureBuffer(self.preds)
         live: Optional[torch.Tensor] = None
         for j, block in enumerate(self.children()):
-            inp = x
+            src = self.preds[j]
+            w: Optional[torch.Tensor] = None
             removed = False
-            if j > 0 and not routed:
-                inp = self._fixed_sum(feats, j)
-            elif j > 0:
-                src = self.preds[j]
+            if j > 0 and routed:
                 w = self._in_edges(weights, j)
                 live = w.ne(0).any(1)  # node j is removed for samples whose input edges are all closed
+                w = self._applied(w)
                 if skip:
                     src, w = self._open_sources(w, j)
                     removed = len(src) == 0
-                if not torch.jit.is_scripting() and buf is not None:
-                    inp = buf.aggregate(j, w, [tokens[i] for i in src])
-                elif not removed:
-                    inp = weighted_sum([feats[i] for i in src], w)
             if removed:  # for the whole batch: skip the block, close its output edges
                 feats.append(feats[0])
                 weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
             else:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    out = checkpoint(block, inp)
-                elif not torch.jit.is_scripting() and buf is not None and j > 0 and self.recompute_inputs:
-                    with buf.recompute_input(j, inp):
+                if j == 0:
+                    out = checkpoint(block, x) if not torch.jit.is_scripting() and ckpt else block(x)
+                elif not torch.jit.is_scripting() and ckpt:
+                    out = checkpoint(self._run_node, block, w, *[feats[i] for i in src])
+                elif not routed:
+                    out = block(self._fixed_sum([feats[i] for i in src]))
+                elif not torch.jit.is_scripting() and buf is not None:
+                    assert w is not None
+                    sources = [feats[i] for i in src]
+                    inp = buf.aggregate(j, w, sources)
+                    if self.recompute_inputs:
+                        with recompute_input(inp, w, sources):
+                            out = block(inp)
+                    else:
                         out = block(inp)
                 else:
-                    out = block(inp)
-                feats.append(out)
-                if routed:
-                    if not torch.jit.is_scripting() and buf is not None:
-                        pooled = buf.put(j, out)  # also the token that orders the buffer's backward
-                        tokens.append(pooled)
-                    else:
-                        pooled = global_pool(out)
+                    assert w is not None
+                    out = block(weighted_sum([feats[i] for i in src], w))
+                if not routed:
+                    feats.append(out)
+                elif not torch.jit.is_scripting() and buf is not None:
+                    pooled, alias = buf.put(j, out)  # the alias orders the buffer's backward
+                    feats.append(alias)
                     weights.append(self._edge_weights(pooled, j, live))
-        if not torch.jit.is_scripting() and self._capture is not None:
+                else:
+                    feats.append(out)
+                    weights.append(self._edge_weights(global_pool(out), j, live))
+        if not torch.jit.is_scripting() and self._captures:
             self._record(weights, x.shape[0], feats[0])
 
         n = self.num_blocks
         if not routed:
-            return self._fixed_sum(feats, n)
+            return self._fixed_sum([feats[i] for i in self.preds[n]])
         src = self.preds[n]
-        w = self._in_edges(weights, n)
+        w = self._applied(self._in_edges(weights, n))
         if not torch.jit.is_scripting() and buf is not None:
-            return buf.aggregate(n, w, [tokens[i] for i in src])
+            return buf.aggregate(n, w, [feats[i] for i in src])
         if skip:
             src, w = self._open_sources(w, n)
             if not src:
@@ -342,7 +389,8 @@ class GraphStage(nn.Module):
     @torch.jit.unused
     def _record(self, weights: List[torch.Tensor], batch: int, ref: torch.Tensor) -> None:
         adj = self.adjacency(weights, batch, ref.device)
-        self._capture.append(adj)
+        for captured in self._captures:
+            captured.append(adj)
 
     @torch.jit.unused
     def adjacency(self, weights: List[torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:

@@ -12,13 +12,14 @@ from timm.models._builder import pretrained_cfg_for_features
 from ..graph import GraphStage, _check_args
 from ._pretrained import chaininit_source, ddw_filter_fn, pretrained_errors
 
-__all__ = ['DDW_DEFAULTS', 'DdwMixin', 'create_ddw', 'twin_cfg', 'wire_stages']
+__all__ = ['DDW_DEFAULTS', 'DdwMixin', 'NodeCheckpointing', 'create_ddw', 'ddw_features_class', 'twin_cfg',
+           'wire_stages']
 
 _FEATURE_KEYS = ('out_indices', 'feature_cls', 'feature_cfg', 'output_fmt', 'flatten_sequential')
 
 # constructor arguments of the graph stages; every DDW model accepts them
 DDW_DEFAULTS: Dict[str, Any] = dict(
-    wiring='dynamic', router_bias=3.0, threshold_init=0.0, gate='ste', wiring_seed=0)
+    wiring='dynamic', router_bias=3.0, threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded')
 
 _DATA_KEYS = (
     'num_classes', 'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'pool_size',
@@ -36,13 +37,44 @@ def twin_cfg(twin: str, **overrides: Any) -> Dict[str, Any]:
     return out
 
 
-class DdwMixin:
+class NodeCheckpointing:
+    """``set_grad_checkpointing`` for a module holding graph stages: node by node inside each stage.
+
+    timm's own flag would checkpoint whole stages (``checkpoint_seq``, or a feature wrapper's
+    per-module checkpoints), which in a graph stage keeps every node output and recomputes the
+    whole stage: no memory saved.
+    """
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self, 'grad_checkpointing'):
+            self.grad_checkpointing = False
+        for m in self.modules():
+            if isinstance(m, GraphStage):
+                m.grad_checkpointing = enable
+
+
+def ddw_features_class(base: type) -> type:
+    """``base`` (a timm feature wrapper class) with node checkpointing, made once per base and
+    kept in this module so that pickled models find it."""
+    if issubclass(base, NodeCheckpointing):
+        return base
+    name = f'Ddw{base.__name__}'
+    if name not in globals():
+        globals()[name] = type(name, (NodeCheckpointing, base), {'__module__': __name__, '__qualname__': name})
+    return globals()[name]
+
+
+class DdwMixin(NodeCheckpointing):
     """Overrides of timm's model API that must see through graph stages.
 
     A DDW model is its timm twin's own class with these overrides mixed in; ``stage_prefix``
     is a regex matching a stage's module name (its group gives the stage index).
+    ``twin_features_class``: the twin's ``features_only`` builds a class of its own (not a timm
+    feature wrapper around the model) unless ``feature_cls`` or ``feature_cfg`` is given.
     """
     stage_prefix: str = ''
+    twin_features_class: bool = False
 
     @classmethod
     def stage_names(cls, model: nn.Module) -> List[str]:
@@ -56,15 +88,6 @@ class DdwMixin:
         wire_stages(model, cls.stage_names(model), **ddw_args)
         model.__class__ = cls
         return model
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        # checkpoint block by block inside the graph stages; the twin's own flag would run
-        # timm's checkpoint_seq over the stages as if they were plain sequences
-        self.grad_checkpointing = False
-        for m in self.modules():
-            if isinstance(m, GraphStage):
-                m.grad_checkpointing = enable
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -106,27 +129,35 @@ def create_ddw(
         **kwargs: Any,
 ) -> nn.Module:
     """Build timm's ``twin`` with timm's own builder and wire its stages; ``build_model_with_cfg``
-    then loads pretrained weights as for any timm model.
+    then loads pretrained weights and wraps feature extractors as for any timm model.
 
-    ``features_only`` builds the twin's own feature extractor (FeatureListNet for ResNet and
-    RegNet, EfficientNetFeatures for EfficientNet) and wires the stages inside it, so feature
-    models keep the twin's feature_info and state-dict keys.
+    ``features_only`` wraps the DDW model in the feature class timm would use for the twin
+    (``feature_cls``: list, dict, hook, fx, getter), so feature models keep the twin's
+    feature_info and state-dict keys. Where the twin builds a features class of its own
+    (EfficientNetFeatures), that class is built and its stages are wired.
     """
     ddw_args = {k: kwargs.pop(k, v) for k, v in DDW_DEFAULTS.items()}
     _check_args(**ddw_args)
     features_only = kwargs.pop('features_only', False)
     feature_args = {k: kwargs.pop(k) for k in _FEATURE_KEYS if k in kwargs}
+    own_features = features_only and cls.twin_features_class and not {'feature_cls', 'feature_cfg'} & set(feature_args)
 
     def build(**model_kwargs: Any) -> nn.Module:
-        if features_only:
+        if own_features:
             model = timm.create_model(twin, features_only=True, **feature_args, **model_kwargs)
             return wire_stages(model, cls.stage_names(model), **ddw_args)
         return cls.from_twin(timm.create_model(twin, **model_kwargs), **ddw_args)
 
+    if features_only and not own_features:
+        feature_cfg = dict(feature_args.pop('feature_cfg', None) or {})
+        feature_cfg.update({k: feature_args.pop(k) for k in ('output_fmt', 'flatten_sequential') if k in feature_args})
+        kwargs.update(features_only=True, feature_cfg=feature_cfg, **feature_args)
     with pretrained_errors(variant, pretrained, kwargs):
         model = build_model_with_cfg(
-            build, variant, pretrained, pretrained_strict=not features_only, pretrained_filter_fn=ddw_filter_fn,
+            build, variant, pretrained, pretrained_strict=not own_features, pretrained_filter_fn=ddw_filter_fn,
             **kwargs)
-    if features_only:
+    if own_features:
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    if features_only:
+        model.__class__ = ddw_features_class(type(model))
     return model

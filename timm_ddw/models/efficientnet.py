@@ -10,6 +10,7 @@ __all__ = ['DdwEfficientNet']
 
 class DdwEfficientNet(DdwMixin, EfficientNet):
     stage_prefix = r'^blocks\.(\d+)'
+    twin_features_class = True  # EfficientNetFeatures
 
     @classmethod
     def stage_names(cls, model):
