@@ -218,10 +218,8 @@ def test_train_help_shows_every_default(batch):
     assert 'default: True' not in text and 'default: False' not in text and 'default: None' not in text
 
 
-def test_push_without_network_says_so_at_once(setup, tmp_path):
-    folder = setup['tmp'] / 'repo'
-    if not (folder / 'config.json').exists():
-        pytest.skip('needs the export of test_export_beside_other_files_lists_and_pushes_only_its_own')
+def test_push_without_network_says_so_at_once(batch, setup, tmp_path):
+    folder = setup['tmp'] / 'repo'  # exported by the batch's export_beside_notes
     env = cli_env(tmp_path, HF_TOKEN='hf_dummy_token', HF_ENDPOINT='http://127.0.0.1:9', HF_HUB_OFFLINE='0')
     start = time.perf_counter()
     (r,) = run_cli_batch([['push', folder, 'org/ddw']], tmp_path, env=env)
@@ -261,3 +259,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(setup, tmp_path):
     assert f'resuming from {ckpt} after epoch {epoch - 1}/8' in resumed.stdout
     metrics = json.loads((out / 'metrics.json').read_text())
     assert [h['epoch'] for h in metrics['history']] == list(range(1, 9)) and metrics['resumed_from'] == str(ckpt)
+
+
+def test_library_takes_plain_arguments():
+    """Everything a command does is a library call without argparse: no Namespace in any signature."""
+    import importlib
+    import inspect
+
+    for name in ('train', 'routing', 'routing_report', 'routing_plots', 'hub', 'loading', 'data', 'runtime'):
+        module = importlib.import_module(f'timm_ddw.{name}')
+        for attr in module.__all__:
+            obj = getattr(module, attr)
+            members = [getattr(obj, k) for k in vars(obj) if not k.startswith('__')] if inspect.isclass(obj) else []
+            for fn in [obj, *members]:
+                if callable(fn) and not inspect.isclass(fn):
+                    try:
+                        sig = inspect.signature(fn)
+                    except (TypeError, ValueError):
+                        continue
+                    assert 'Namespace' not in str(sig), f'timm_ddw.{name}.{attr}{sig}'
+    assert not hasattr(importlib.import_module('timm_ddw.train'), 'register_cli')
