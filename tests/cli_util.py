@@ -1,4 +1,5 @@
 """Helpers of the command-line tests: tiny image folders and ``timm-ddw`` in a child process."""
+import hashlib
 import json
 import os
 import subprocess
@@ -84,3 +85,9 @@ def make_image_folder(root: Path, splits: Dict[str, int], classes: Sequence[str]
         for i in range(loose):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f'loose{i}.png')
     return root
+
+
+def md5s(folder: Path) -> Dict[str, str]:
+    """Checksum of every file under ``folder``: to show that a command left it as it was."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file()}

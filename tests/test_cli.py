@@ -3,7 +3,6 @@
 Most command lines run in one child process (``run_cli_batch``: one torch import for all of
 them); Ctrl-C and the Hub without network get processes of their own.
 """
-import hashlib
 import json
 import os
 import signal
@@ -14,17 +13,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_util import TIMM_DDW, cli_env, make_image_folder, one_error_line, run_cli_batch
+from cli_util import TIMM_DDW, cli_env, make_image_folder, md5s, one_error_line, run_cli_batch
 from safetensors.torch import save_file
 
 import timm_ddw  # noqa: F401
 
 TINY = ['--img-size', '16', '-b', '4', '--epochs', '1', '--warmup-steps', '1', '--no-progress']
-
-
-def md5s(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 def unwritable(tmp: Path) -> Path:

@@ -1,7 +1,6 @@
 """The main job through the library (TrainConfig -> train): report, resume, data checks, output folders."""
 import contextlib
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_util import make_image_folder
+from cli_util import make_image_folder, md5s
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -30,11 +29,6 @@ def write_idx(path, array):
     header = struct.pack('>HBB', 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
     with gzip.open(path, 'wb') as f:
         f.write(header + array.astype(np.uint8).tobytes())
-
-
-def md5s(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
 def tiny(root: Path, **kwargs) -> TrainConfig:
@@ -178,6 +172,24 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     last1 = torch.load(tmp_path / 'straight' / 'last.pth.tar', weights_only=False)['state_dict']
     last2 = torch.load(tmp_path / 'split' / 'last.pth.tar', weights_only=False)['state_dict']
     assert all(torch.equal(last1[k], last2[k]) for k in last1)  # the raw weights too, not only the EMA
+
+
+def test_timm_flags_num_classes_sched_channels_last_and_initial_checkpoint(tmp_path):
+    first = train(tiny(tmp_path, epochs=1, num_classes=3, sched='tanh', channels_last=True, output=str(tmp_path / 'a')),
+                  progress=False)
+    assert first['num_classes'] == 3 and first['recipe']['sched'] == 'tanh'
+    weights = tmp_path / 'a' / 'model' / 'model.safetensors'
+    start = load_file(weights)
+    assert start['fc.weight'].shape == (3, 512)
+    train(tiny(tmp_path, epochs=1, num_classes=3, initial_checkpoint=str(weights), lr=1e-9, momentum=0.0,
+               output=str(tmp_path / 'b')), progress=False)
+    after = load_file(tmp_path / 'b' / 'model' / 'model.safetensors')
+    for key in ('conv1.weight', 'layer3.router_weight', 'fc.weight'):  # started from the given weights
+        torch.testing.assert_close(after[key], start[key], atol=1e-6, rtol=0)
+    # the run's last.pth.tar exports as it is: architecture and arguments come from the checkpoint
+    out = timm_ddw.hub.export_checkpoint(tmp_path / 'b' / 'last.pth.tar', tmp_path / 'export')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'ddw_resnet18' and config['num_classes'] == 3
 
 
 def test_resume_refuses_foreign_and_random_files(tmp_path):
