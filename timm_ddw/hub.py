@@ -334,6 +334,10 @@ def _check_folder(folder: Path) -> List[Path]:
     return [folder / name for name in EXPORT_FILES if (folder / name).is_file()]
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _is_network_error(e: BaseException) -> bool:
     if isinstance(e, OSError):  # includes huggingface_hub's OfflineModeIsEnabled
         return True
@@ -382,13 +386,11 @@ def push_folder(
             repo_id=repo.repo_id, folder_path=str(folder), repo_type='model', revision=revision,
             create_pr=create_pr, commit_message=commit_message, allow_patterns=names)
     except HfHubHTTPError as e:
-        raise ConnectionError(f'the Hugging Face Hub refused the upload to {repo_id}: '
-                              f'{str(e).strip().splitlines()[0]}') from None
+        raise ConnectionError(f'the Hugging Face Hub refused the upload to {repo_id}: {_first_line(e)}') from None
     except Exception as e:
         if not _is_network_error(e):
             raise
-        raise ConnectionError(f'could not reach the Hugging Face Hub at {constants.ENDPOINT} '
-                              f'({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}); '
+        raise ConnectionError(f'could not reach the Hugging Face Hub at {constants.ENDPOINT} ({_first_line(e)}); '
                               'nothing was uploaded') from None
     plan['url'] = getattr(commit, 'commit_url', None) or str(commit)
     return plan

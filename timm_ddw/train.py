@@ -430,40 +430,10 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
     try:
         for epoch in range(start_epoch, c.epochs):
             random_seed(c.seed + epoch)  # the epoch's data order and augmentation, also after a resume
-            model.train()
             t0, cpu0 = time.perf_counter(), cpu_seconds()
-            loss_sum, seen = 0.0, 0
-            bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{c.epochs}', disable=not progress,
-                       dynamic_ncols=True)
-            for i, (x, y) in enumerate(loader_train):
-                if i >= steps_per_epoch:
-                    break
-                if should_stop():
-                    raise _Stop
-                if step < warmup_steps:  # linear warmup over steps, then timm's schedule
-                    for g in optimizer.param_groups:
-                        g['lr'] = c.lr * (step + 1) / warmup_steps
-                with autocast():
-                    loss = loss_fn(model(_to_input(x, c.channels_last)), y)
-                optimizer.zero_grad(set_to_none=True)
-                if loss_scaler is not None:
-                    loss_scaler(loss, optimizer, parameters=model.parameters())
-                else:
-                    loss.backward()
-                    optimizer.step()
-                step += 1
-                if model_ema is not None:
-                    model_ema.update(model, step=step)
-                if step >= warmup_steps and scheduler is not None:
-                    scheduler.step_update(num_updates=step)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f'training loss is {loss.item()} at step {step}; lower lr')
-                loss_sum += loss.item() * y.shape[0]
-                seen += y.shape[0]
-                bar.update(1)
-                bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
-                                img_s=f'{seen / (time.perf_counter() - t0):.0f}')
-            bar.close()
+            step, loss_sum, seen = _train_one_epoch(
+                c, model, loader_train, steps_per_epoch, step, optimizer, scheduler, warmup_steps, loss_fn, model_ema,
+                loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress)
             train_time, train_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             last = epoch == c.epochs - 1
             ev = evaluate(model, loader_val, device, autocast, routing=last and model_ema is None, progress=progress,
@@ -481,7 +451,7 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
                 ema_note = f' | EMA top-1 {ev["top1"]:.2f}%'
             if last:
                 final_eval = ev
-            history.append({k: v for k, v in record.items()})
+            history.append(record)
             saver.save_checkpoint(epoch, metric=ev['top1'])
             checkpoint, saved_epochs = out / CHECKPOINT, epoch + 1
             print(f'epoch {epoch + 1}/{c.epochs}: train loss {record["train_loss"]:.4f} '
@@ -526,6 +496,46 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
     print(f'report: {out}/ (metrics.json, {", ".join(sorted(p.name for p in routing_files.values()))}, model/, '
           f'{CHECKPOINT})')
     return metrics
+
+
+def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step: int, optimizer, scheduler,
+                     warmup_steps: int, loss_fn: nn.Module, model_ema: Optional[ModelEmaV3], loss_scaler, autocast,
+                     should_stop: Callable[[], bool], desc: str, progress: bool) -> Tuple[int, float, int]:
+    """``steps`` optimizer steps from update ``step`` on; returns the new step count, the summed loss
+    and the images seen."""
+    model.train()
+    t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        if should_stop():
+            raise _Stop
+        if step < warmup_steps:  # linear warmup over steps, then timm's schedule
+            for g in optimizer.param_groups:
+                g['lr'] = c.lr * (step + 1) / warmup_steps
+        with autocast():
+            loss = loss_fn(model(_to_input(x, c.channels_last)), y)
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, parameters=model.parameters())
+        else:
+            loss.backward()
+            optimizer.step()
+        step += 1
+        if model_ema is not None:
+            model_ema.update(model, step=step)
+        if step >= warmup_steps and scheduler is not None:
+            scheduler.step_update(num_updates=step)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'training loss is {loss.item()} at step {step}; lower lr')
+        loss_sum += loss.item() * y.shape[0]
+        seen += y.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
+                        img_s=f'{seen / (time.perf_counter() - t0):.0f}')
+    bar.close()
+    return step, loss_sum, seen
 
 
 def _resume(path: str, checkpoint: Dict[str, Any], model: nn.Module, model_ema: Optional[ModelEmaV3], optimizer,
