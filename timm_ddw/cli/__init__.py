@@ -17,8 +17,9 @@ from ._common import Parser
 __all__ = ['build_parser', 'main']
 
 COMMANDS = ('train', 'routing', 'export', 'push', 'hub_configs')
-# what a user can cause and fix: a missing or unwritable file, a bad value, weights that do not fit
-USER_ERRORS = (OSError, ValueError, DdwCheckpointError)
+# what a user can cause and fix: a missing or unwritable file, a bad value, weights that do not fit,
+# a learning rate that makes the loss diverge
+USER_ERRORS = (OSError, ValueError, DdwCheckpointError, FloatingPointError)
 
 
 def build_parser() -> Parser:
