@@ -15,8 +15,14 @@ import timm
 import torch
 
 import timm_ddw
-from timm_ddw import cli
-from timm_ddw.hub import check_hub_configs, export_folder, hub_config, push_folder
+from timm_ddw.hub import (
+    DdwCheckpointError,
+    check_hub_configs,
+    export_checkpoint,
+    export_folder,
+    hub_config,
+    push_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -110,15 +116,14 @@ def test_export_refuses_inconsistent_model_args(static_model, tmp_path):
         export_folder(timm.create_model('ddw_resnet18', features_only=True, device='meta'), tmp_path)
 
 
-def test_export_cli_from_train_checkpoint(tmp_path, static_model, capsys):
+def test_export_checkpoint_from_train_checkpoint(tmp_path, static_model):
     ema = {k: v * 2 if v.is_floating_point() else v for k, v in static_model.state_dict().items()}
     ckpt = tmp_path / 'last.pth.tar'
     torch.save(dict(arch='ddw_resnet18', epoch=3, state_dict=static_model.state_dict(), state_dict_ema=ema,
                     args=argparse.Namespace(model='ddw_resnet18', model_kwargs=dict(wiring='static'))), ckpt)
     (tmp_path / 'recipe.yaml').write_text('epochs: 3\n')
     out = tmp_path / 'out'
-    assert cli.main(['export', str(ckpt), str(out), '--metrics', '{"top1": 90.5}',
-                     '--recipe', str(tmp_path / 'recipe.yaml'), '--tag', 'fmnist_e3']) == 0
+    export_checkpoint(ckpt, out, metrics={'top1': 90.5}, recipe=tmp_path / 'recipe.yaml', tag='fmnist_e3')
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((out / 'config.json').read_text())
     assert config['model_args']['wiring'] == 'static' and config['num_classes'] == 10
@@ -127,22 +132,47 @@ def test_export_cli_from_train_checkpoint(tmp_path, static_model, capsys):
     assert all(torch.equal(weights[k], v) for k, v in ema.items())  # EMA preferred
     assert '| Top-1 accuracy (%) | 90.5 |' in (out / 'README.md').read_text()
 
-    # the same checkpoint exported as another wiring fails, naming the keys
-    assert cli.main(['export', str(ckpt), str(tmp_path / 'bad'), '--model-args', '{"wiring": "dynamic"}']) == 1
-    err = capsys.readouterr().err
-    assert "timm-ddw export: error: " in err and "does not fit ddw_resnet18 (wiring='dynamic'" in err
-    assert 'missing keys (4): layer1.router_weight' in err
+    # the same checkpoint exported as another wiring fails, naming the file read and the keys
+    with pytest.raises(DdwCheckpointError) as e:
+        export_checkpoint(ckpt, tmp_path / 'bad', model_args=dict(wiring='dynamic'))
+    assert f"Checkpoint {ckpt} does not fit ddw_resnet18 (wiring='dynamic'" in str(e.value)
+    assert 'missing keys (4): layer1.router_weight' in str(e.value) and 'hf_hub_id' not in str(e.value)
     assert not (tmp_path / 'bad').exists()
 
 
-def test_push(exported, tmp_path, monkeypatch, capsys):
+def test_export_never_replaces_files(exported, static_model, tmp_path):
+    before = {p.name: p.read_bytes() for p in exported.iterdir()}
+    with pytest.raises(FileExistsError, match='already holds model.safetensors, config.json, README.md; nothing'):
+        export_folder(static_model, exported, metrics=dict(top1=1.0))
+    assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
+    folder = tmp_path / 'repo'
+    folder.mkdir()
+    (folder / 'notes.txt').write_text('mine')
+    export_folder(static_model, folder)  # unrelated files do not block an export and stay as they are
+    assert (folder / 'notes.txt').read_text() == 'mine'
+    export_folder(static_model, folder, overwrite=True, metrics=dict(top1=2.5))
+    assert '| Top-1 accuracy (%) | 2.5 |' in (folder / 'README.md').read_text()
+
+
+def test_exported_config_of_a_small_model_drops_the_twins_test_size(static_model, tmp_path):
+    model = timm.create_model('ddw_resnet18', in_chans=1, num_classes=10)
+    config = hub_config(model, data_config=dict(input_size=(1, 32, 32), mean=(0.286,), std=(0.353,)))
+    cfg = config['pretrained_cfg']
+    assert cfg['input_size'] == [1, 32, 32] and 'test_input_size' not in cfg and cfg['mean'] == [0.286]
+    assert hub_config(static_model)['pretrained_cfg']['test_input_size'] == [3, 288, 288]  # the twin's, unchanged
+
+
+def test_push(exported, tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.utils import build_hf_headers
 
     monkeypatch.setenv('HF_TOKEN', 'hf_dummy_token_for_test')
-    assert cli.main(['push', str(exported), 'org/ddw-resnet18-static', '--dry-run']) == 0
-    out = capsys.readouterr().out
-    assert 'dry run: would upload README.md, config.json, model.safetensors' in out and 'token found' in out
+    folder = tmp_path / 'with-notes'
+    shutil.copytree(exported, folder)
+    (folder / 'notes.txt').write_text('not for the Hub')
+    plan = push_folder(folder, 'org/ddw-resnet18-static', dry_run=True)
+    assert plan['files'] == ['model.safetensors', 'config.json', 'README.md'] and plan['token_found']
+    assert plan['skipped'] == ['notes.txt']
 
     calls = []
 
@@ -156,11 +186,11 @@ def test_push(exported, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
-    push_folder(exported, 'org/ddw-resnet18-static', private=True)
+    push_folder(folder, 'org/ddw-resnet18-static', private=True)
     assert calls[0][:2] == ('create_repo', 'org/ddw-resnet18-static') and calls[0][2]['private'] is True
     assert calls[0][3] == 'Bearer hf_dummy_token_for_test'  # the token the real call would send
     assert calls[1][1] == 'org/ddw-resnet18-static'
-    assert calls[1][3] == ['README.md', 'config.json', 'model.safetensors']
+    assert calls[1][2]['allow_patterns'] == ['model.safetensors', 'config.json', 'README.md']  # not notes.txt
 
     bad = tmp_path / 'pickled'
     shutil.copytree(exported, bad)
@@ -177,6 +207,8 @@ def test_hub_configs_in_sync(tmp_path):
     path = tmp_path / 'h' / 'ddw_resnet18' / 'config.json'
     path.write_text(path.read_text().replace('"dynamic"', '"static"'))
     assert check_hub_configs(tmp_path / 'h') == ['ddw_resnet18/config.json']
+    with pytest.raises(FileNotFoundError, match='does not exist; generate it with `timm-ddw hub-configs'):
+        check_hub_configs(tmp_path / 'missing')
 
 
 SCRIPT = textwrap.dedent('''

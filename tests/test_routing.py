@@ -1,6 +1,5 @@
-"""Routing statistics: the accumulator against plain numpy, figures, files and the command line."""
+"""Routing statistics: the accumulator against plain numpy, figures, files and the report job."""
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,9 @@ import torch
 from PIL import Image
 
 import timm_ddw
-from timm_ddw.cli import main
 from timm_ddw.data import FASHION_MNIST_DIR, fashion_mnist
-from timm_ddw.routing import RoutingStats, collect_routing
+from timm_ddw.routing import RoutingStats, collect_routing, plot_stage_heatmaps
+from timm_ddw.routing_report import routing_report
 
 N1, N2 = 5, 4
 CHAIN = np.eye(N2, k=-1, dtype=bool)  # edges j-1 -> j only
@@ -194,6 +193,37 @@ def test_figures_have_one_panel_per_stage_and_class(tmp_path):
         assert coloured > 0.05, f'{key}: only {coloured:.3f} of the pixels are coloured'
 
 
+def test_save_never_mixes_two_reports(tmp_path):
+    pytest.importorskip('matplotlib')
+    a, b, labels = _captured()
+    stats = RoutingStats(edges={'s2': CHAIN}, num_classes=4)
+    _feed(stats, a, b, labels)
+    stats.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match='already holds a routing report .routing.json, .*nothing was written'):
+        stats.save(tmp_path, plots=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / 'notes.txt').write_text('mine')
+    paths = stats.save(tmp_path, plots=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in paths.values()] + ['notes.txt'])
+
+
+def test_heatmap_numbers_follow_the_data_scale():
+    pytest.importorskip('matplotlib')
+    from timm_ddw.routing_plots import value_format
+
+    assert [value_format(v) for v in (1.0, 0.5, 0.02, 0.0049, 0.0)] == ['{:.2f}', '{:.2f}', '{:.3f}', '{:.4f}',
+                                                                       '{:.2f}']
+    a, _, _ = _captured()
+    stats = RoutingStats()
+    stats.update({'s1': 0.5 + 0.01 * a})  # std of each edge about 0.003
+    fig = plot_stage_heatmaps(stats, 'std')
+    texts = [t.get_text() for ax in _image_axes(fig) for t in ax.texts]
+    vmax = np.nanmax(stats.stage('s1')['std'])
+    assert texts and all(len(t.split('.')[1]) == len(value_format(vmax).format(0.0).split('.')[1]) for t in texts)
+    assert not any(t in ('0.00', '0.01') for t in texts), texts  # two decimals would show nothing
+
+
 def test_missing_matplotlib_is_explained(tmp_path, monkeypatch):
     import sys
 
@@ -242,11 +272,9 @@ def test_collect_routing_equals_direct_capture():
     assert np.nanmin(s['mean']) == 1.0 and np.nanmax(s['closed_share']) == 0.0
 
 
-# ------------------------------------------------------------------ command line
-def _run(argv, capsys):
-    rc = main(['routing', *map(str, argv), '--workers', '0', '--no-progress', '--batch-size', '4'])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+# ------------------------------------------------------------------ the report job (timm-ddw routing)
+def _report(**kwargs):
+    return routing_report('ddw_resnet18', workers=0, progress=False, batch_size=4, **kwargs)
 
 
 def _image_folder(root: Path, per_class: int = 3) -> Path:
@@ -267,7 +295,7 @@ def _closing_model(bias: float = -20.0, **kwargs):
     return model
 
 
-def test_cli_image_folder_with_safetensors_and_config(tmp_path, capsys):
+def test_report_image_folder_with_safetensors_and_config(tmp_path, capsys):
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
@@ -278,16 +306,14 @@ def test_cli_image_folder_with_safetensors_and_config(tmp_path, capsys):
     save_config_for_hf(model, str(ckpt / 'config.json'), model_args=dict(num_classes=2))
     data = _image_folder(tmp_path / 'images')
     out = tmp_path / 'out'
-    rc, stdout, err = _run(['--model', 'ddw_resnet18', '--checkpoint', ckpt / 'model.safetensors', '--data', data,
-                            '--out', out, '--img-size', '32'], capsys)
-    assert rc == 0, err
+    stats, paths = _report(checkpoint=ckpt / 'model.safetensors', data=str(data), output=out, img_size=32)
     doc = json.loads((out / 'routing.json').read_text())
     assert doc['num_samples'] == 6 and doc['class_names'] == ['cat', 'dog'] and doc['class_count'] == [3, 3]
     assert doc['meta']['input_size'] == [3, 32, 32] and doc['meta']['model'] == 'ddw_resnet18'
     layer1 = doc['stages'][0]
     assert layer1['name'] == 'layer1' and layer1['closed_share'][1][0] == 1.0  # the checkpoint was loaded
     assert [s['name'] for s in doc['stages']] == ['layer1', 'layer2', 'layer3', 'layer4']
-    assert 'layer4' in stdout and 'strongest' in stdout and 'most variable' in stdout
+    assert 'strongest' in stats.text_summary() and 'most variable' in stats.text_summary()
     names = {p.name for p in out.iterdir()}
     assert {'routing.json', 'routing.npz', 'summary.txt'} <= names
     try:
@@ -297,67 +323,63 @@ def test_cli_image_folder_with_safetensors_and_config(tmp_path, capsys):
         pass
     assert RoutingStats.load(out).num_samples == 6
 
+    # a second report never lands next to the first: the next free folder is used
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _, paths = _report(checkpoint=ckpt / 'model.safetensors', data=str(data), output=out, img_size=32, plots=False,
+                       limit=2)
+    assert paths['json'].parent == tmp_path / 'out-1' and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list((tmp_path / 'out-1').glob('*.png'))
 
-def test_cli_torch_checkpoint_ema_and_kwargs(tmp_path, capsys):
+
+def test_report_torch_checkpoint_ema_and_kwargs(tmp_path):
     plain, ema = _closing_model(20.0, num_classes=2).state_dict(), _closing_model(num_classes=2).state_dict()
     torch.save({'state_dict': plain, 'state_dict_ema': ema, 'epoch': 1}, tmp_path / 'last.pth.tar')
     data = _image_folder(tmp_path / 'images', per_class=1)
-    common = ['--model', 'ddw_resnet18', '--checkpoint', tmp_path / 'last.pth.tar', '--data', data,
-              '--img-size', '32', '--model-kwargs', 'num_classes=2', '--no-plots']
-    for flag, closed in (([], 0.0), (['--use-ema'], 1.0)):
-        rc, _, err = _run(common + ['--out', tmp_path / f'out{len(flag)}'] + flag, capsys)
-        assert rc == 0, err
-        doc = json.loads((tmp_path / f'out{len(flag)}' / 'routing.json').read_text())
+    for use_ema, closed in ((False, 0.0), (True, 1.0)):
+        _, paths = _report(checkpoint=tmp_path / 'last.pth.tar', data=str(data), img_size=32,
+                           model_kwargs=dict(num_classes=2), plots=False, use_ema=use_ema,
+                           output=tmp_path / f'out{use_ema}')
+        doc = json.loads(paths['json'].read_text())
         assert doc['stages'][0]['closed_share'][1][0] == closed
-    assert not (tmp_path / 'out0' / 'routing_mean.png').exists()
+    assert not (tmp_path / 'outFalse' / 'routing_mean.png').exists()
 
 
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / 't10k-labels-idx1-ubyte.gz').is_file(), reason='no Fashion-MNIST')
-def test_cli_fashion_mnist(tmp_path, capsys):
+def test_report_fashion_mnist(tmp_path):
     from safetensors.torch import save_file
 
-
     save_file(_model(num_classes=10, in_chans=1).state_dict(), str(tmp_path / 'w.safetensors'))
-    rc, stdout, err = _run(['--model', 'ddw_resnet18', '--checkpoint', tmp_path / 'w.safetensors',
-                            '--model-kwargs', 'num_classes=10', 'in_chans=1', '--data', 'fashion-mnist',
-                            '--limit', '10', '--img-size', '32', '--out', tmp_path / 'out', '--no-plots'], capsys)
-    assert rc == 0, err
+    stats, _ = _report(checkpoint=tmp_path / 'w.safetensors', model_kwargs=dict(num_classes=10, in_chans=1),
+                       data='fashion-mnist', limit=10, img_size=32, output=tmp_path / 'out', plots=False)
     doc = json.loads((tmp_path / 'out' / 'routing.json').read_text())
     labels = fashion_mnist('test').labels[:10]
     assert doc['num_samples'] == 10 and doc['class_count'] == np.bincount(labels, minlength=10).tolist()
     assert doc['class_names'][9] == 'Ankle boot' and doc['meta']['input_size'] == [1, 32, 32]
-    assert 'routing over 10 samples' in stdout
+    assert 'routing over 10 samples' in stats.text_summary()
 
 
-def test_cli_bad_arguments(tmp_path, capsys):
+def test_report_bad_arguments(tmp_path):
     from safetensors.torch import save_file
 
     data = _image_folder(tmp_path / 'images', per_class=1)
     save_file(_model(num_classes=2).state_dict(), str(tmp_path / 'w.safetensors'))
-    good = ['--checkpoint', tmp_path / 'w.safetensors', '--data', data, '--out', tmp_path / 'o', '--img-size', '32']
+    good = dict(checkpoint=tmp_path / 'w.safetensors', data=str(data), output=tmp_path / 'o', img_size=32)
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'empty' / 'notes.txt').write_text('no images here')
+    _image_folder(tmp_path / 'loose')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'loose' / 'stray.png')
     cases = [
-        (['--model', 'ddw_nope', *good], ["--model 'ddw_nope' is not a known timm model", 'ddw_resnet18']),
-        (['--model', 'resnet18', *good], ['has no DDW graph stages']),
-        (['--model', 'ddw_resnet18', '--checkpoint', tmp_path / 'missing.pth', '--data', data, '--out', tmp_path],
-         ['--checkpoint', 'missing.pth', 'no such file']),
-        (['--model', 'ddw_resnet18', *good], ['does not load into ddw_resnet18', 'num_classes']),
-        (['--model', 'ddw_resnet18', *good[:2], '--data', tmp_path / 'empty', '--out', tmp_path, '--model-kwargs',
-          'num_classes=2'], ['--data', 'empty', 'Found 0 images']),
-        (['--model', 'ddw_resnet18', *good[:2], '--data', tmp_path / 'nowhere', '--out', tmp_path],
-         ["neither 'fashion-mnist' nor an existing folder"]),
-        (['--model', 'resnet18', '--pretrained', '--data', data, '--out', tmp_path],
-         ['--pretrained: could not load the weights of resnet18']),  # the Hub is unreachable in tests
-        (['--model', 'ddw_resnet18', *good, '--model-kwargs', 'num_classes=2', '--limit', '0'], ['--limit 0']),
+        (dict(good, model='ddw_nope'), ValueError, "'ddw_nope' is not a timm model"),
+        (dict(good, model='resnet18'), ValueError, "'resnet18' is not a DDW model"),
+        (dict(good, checkpoint=tmp_path / 'missing.pth'), FileNotFoundError, 'missing.pth: no such file'),
+        (dict(good, model_kwargs=dict(num_classes=2), data=str(tmp_path / 'empty')), ValueError, 'Found 0 images'),
+        (dict(good, model_kwargs=dict(num_classes=2), data=str(tmp_path / 'loose')), ValueError,
+         'holds images outside class sub-folders .e.g. stray.png.'),
+        (dict(good, data=str(tmp_path / 'nowhere')), ValueError, "neither 'fashion-mnist' nor an existing folder"),
+        (dict(good, model_kwargs=dict(num_classes=2), limit=0), ValueError, 'limit=0: must be a positive integer'),
+        (dict(good, checkpoint=None), ValueError, 'give a checkpoint file or pretrained=True'),
     ]
-    for argv, needles in cases:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            rc, _, err = _run(argv, capsys)
-        assert rc == 2, (argv, err)
-        for needle in needles:
-            assert needle in err, (needle, err)
-        assert 'Traceback' not in err
-    with pytest.raises(SystemExit):  # neither --checkpoint nor --pretrained
-        main(['routing', '--model', 'ddw_resnet18', '--data', str(data), '--out', str(tmp_path)])
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            routing_report(**{'model': 'ddw_resnet18', 'progress': False, 'workers': 0, **kwargs})
+    assert not (tmp_path / 'o').exists()  # no empty report folder left behind

@@ -1,4 +1,9 @@
-"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, read offline with numpy."""
+"""The data sets the commands read: Fashion-MNIST from Debian's ``dataset-fashion-mnist``
+package (read offline with numpy) and image folders with one sub-folder per class.
+
+Image folders are checked before anything trains on them: a missing validation split or
+images outside class sub-folders would otherwise give a model that scores 100% on nothing.
+"""
 from __future__ import annotations
 
 import gzip
@@ -6,14 +11,15 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 __all__ = ['FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD', 'MISSING_DATA',
-           'ArrayImageDataset', 'fashion_mnist', 'load_fashion_mnist', 'read_idx']
+           'TRAIN_SPLITS', 'VAL_SPLITS', 'ArrayImageDataset', 'DataError', 'fashion_mnist', 'image_folder',
+           'image_folder_splits', 'load_fashion_mnist', 'read_idx']
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = (
@@ -27,8 +33,15 @@ _FILES = {
 MISSING_DATA = (
     'Fashion-MNIST not found in {dir} (missing {file}). Install it with\n'
     '    sudo apt-get install -y dataset-fashion-mnist\n'
-    'or pass --fashion-mnist-dir DIR, or train on your own images with --data DIR '
+    'or pass --fashion-mnist-dir DIR, or train on your own images with --data-dir DIR '
     '(an image folder with train/ and val/ subfolders, one subfolder per class).')
+TRAIN_SPLITS = ('train', 'training')
+VAL_SPLITS = ('val', 'validation', 'valid')
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as asked; nothing was trained or computed on it."""
+
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzip or raw) as a uint8 array; images are N x H x W, labels N."""
@@ -90,3 +103,64 @@ def fashion_mnist(split: str = 'val', root: str | os.PathLike = FASHION_MNIST_DI
     """Fashion-MNIST's ``split`` as a dataset of PIL images (``mode`` 'L' or 'RGB') for timm transforms."""
     images, labels = load_fashion_mnist(root, split)
     return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, mode=mode, transform=transform)
+
+
+def image_folder(root: str | os.PathLike, mode: str = 'RGB', transform=None,
+                 class_to_idx: Optional[Dict[str, int]] = None) -> Tuple[Any, List[str]]:
+    """timm's ImageDataset over ``root`` (one sub-folder per class) and its class names.
+
+    Raises DataError for a folder without images or with images outside class sub-folders;
+    with ``class_to_idx`` (the training split's) also for classes the mapping lacks.
+    """
+    from timm.data import ImageDataset
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f'{root} is not a folder')
+    try:
+        ds = ImageDataset(str(root), input_img_mode=mode, transform=transform)
+    except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+        raise DataError(f'{root}: {e}') from None
+    found = ds.reader.class_to_idx
+    if '' in found:
+        loose = next(Path(f).name for f, t in ds.reader.samples if t == found[''])
+        raise DataError(f'{root} holds images outside class sub-folders (e.g. {loose}); put each class\'s '
+                        'images in a sub-folder named after it')
+    if class_to_idx is not None:
+        extra = sorted(set(found) - set(class_to_idx))
+        if extra:
+            raise DataError(f'{root} has classes the training split lacks: {", ".join(extra)}')
+        ds = ImageDataset(str(root), input_img_mode=mode, transform=transform, class_map=dict(class_to_idx))
+        found = class_to_idx
+    return ds, [c for c, _ in sorted(found.items(), key=lambda kv: kv[1])]
+
+
+def _split_dir(root: Path, names: Sequence[str]) -> Optional[Path]:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def image_folder_splits(root: str | os.PathLike, val_split: Optional[str] = None,
+                        mode: str = 'RGB') -> Tuple[Any, Any, List[str]]:
+    """Train and validation ImageDatasets of ``root`` and the class names, checked for training.
+
+    ``root`` must hold ``train/`` and ``val/`` (or ``validation/``, or ``val_split``), each with
+    one sub-folder per class and at least two classes; the training images are never used for
+    validation. Raises DataError naming what is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f'{root} is not a folder (expected train/ and val/ image folders inside)')
+    train_dir = _split_dir(root, TRAIN_SPLITS)
+    if train_dir is None:
+        raise DataError(f'{root} has no train/ folder (expected train/ and val/, one sub-folder per class in each)')
+    val_dir = _split_dir(root, (val_split,) if val_split else VAL_SPLITS)
+    if val_dir is None:
+        wanted = f'{val_split}/' if val_split else 'val/ (or validation/)'
+        raise DataError(f'{root} has no {wanted} folder to validate on; the training images are never used '
+                        'for validation')
+    train_ds, classes = image_folder(train_dir, mode)
+    if len(classes) < 2:
+        raise DataError(f'{train_dir} has {len(classes)} class sub-folder ({", ".join(classes)}); training '
+                        'needs at least 2 classes')
+    val_ds, _ = image_folder(val_dir, mode, class_to_idx=train_ds.reader.class_to_idx)
+    return train_ds, val_ds, classes

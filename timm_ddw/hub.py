@@ -3,18 +3,19 @@
 A published DDW repository is a timm repository: ``model.safetensors``, a ``config.json`` in
 timm's format whose ``architecture`` and ``model_args`` (wiring, router settings, ...) rebuild
 the model, and a model card. ``timm.create_model('hf-hub:ORG/REPO', pretrained=True)`` loads it
-once ``timm_ddw`` is imported. Commands (``timm-ddw COMMAND -h``):
+once ``timm_ddw`` is imported. The library behind the commands (``timm-ddw COMMAND -h``):
 
 - ``export``: a train.py checkpoint -> a Hub-ready folder (:func:`export_checkpoint`);
 - ``push``: upload such a folder with huggingface_hub (:func:`push_folder`);
 - ``hub-configs``: regenerate ``hub_configs/<model>/{config.json,README.md}`` (:func:`write_hub_configs`).
+
+Nothing here replaces a file silently: an export into a folder that already holds its files is
+refused unless ``overwrite=True``, and a push uploads only the files an export writes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -27,11 +28,12 @@ from .models._ddw import DDW_DEFAULTS, DdwMixin
 from .models._pretrained import DdwCheckpointError, load_checked
 
 __all__ = [
-    'DdwCheckpointError', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config', 'model_card',
-    'write_hub_configs', 'check_hub_configs', 'register_cli']
+    'DdwCheckpointError', 'EXPORT_FILES', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config',
+    'model_card', 'write_hub_configs', 'check_hub_configs']
 
 
 WEIGHTS_NAME = 'model.safetensors'
+EXPORT_FILES = (WEIGHTS_NAME, 'config.json', 'README.md')  # what export_folder writes and push_folder uploads
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar')
 PAPER = 'Differentiable Dynamic Wirings for Neural Networks'
 CITATIONS = (
@@ -121,7 +123,9 @@ def hub_config(
     args = ddw_model_args(model, model_args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'config.json'
-        save_config_for_hf(model, str(path), model_args=args)
+        # timm resolves the data config against the model (so a 1-channel model needs no ImageNet
+        # mean) and drops the twin's test_input_size once another input_size is given
+        save_config_for_hf(model, str(path), model_args=args, data_config=dict(data_config or {}) or None)
         config = json.loads(path.read_text())
     cfg = config['pretrained_cfg']
     for key in ('tag', 'origin_url', 'description', 'notes', 'paper_ids'):
@@ -239,40 +243,30 @@ def export_folder(
         license: Optional[str] = None,
         description: Optional[str] = None,
         data_config: Optional[Mapping[str, Any]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Write a Hub-ready folder for ``model``: model.safetensors, config.json, README.md.
 
     ``model_args`` adds or confirms constructor arguments (they are checked by rebuilding the
     model); ``metrics`` (e.g. ``dict(top1=.., top5=.., dataset=.., img_size=..)``) and ``recipe``
     (a train.py YAML path, its text or a dict) go into the model card. Weights are never pickled.
+    A folder that already holds any of those files is refused (FileExistsError, nothing
+    written) unless ``overwrite``; other files in it are left alone.
     """
     model = _unwrap(model)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'{out} is a file, not a folder')
+    existing = [name for name in EXPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f'{out} already holds {", ".join(existing)}; nothing was written')
     config = hub_config(model, model_args, tag=tag, license=license, description=description,
                         data_config=data_config)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / WEIGHTS_NAME)
     (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     (out / 'README.md').write_text(model_card(config, model, repo_id, metrics, recipe))
     return out
-
-
-def _checkpoint_meta(path: Path) -> Dict[str, Any]:
-    """``arch`` and constructor arguments stored next to the weights in a train.py checkpoint."""
-    if path.suffix == '.safetensors':
-        return {}
-    from timm.models._helpers import _torch_load
-    ckpt = _torch_load(str(path), map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict):
-        return {}
-    meta: Dict[str, Any] = {'arch': ckpt.get('arch')}
-    args = ckpt.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
-    kwargs = dict(args.get('model_kwargs') or {}) if isinstance(args, dict) else {}
-    if isinstance(ckpt.get('model_args'), dict):
-        kwargs.update(ckpt['model_args'])
-    meta['model_args'] = kwargs
-    return meta
 
 
 def export_checkpoint(
@@ -281,6 +275,7 @@ def export_checkpoint(
         model_name: Optional[str] = None,
         model_args: Optional[Mapping[str, Any]] = None,
         use_ema: bool = True,
+        overwrite: bool = False,
         **card: Any,
 ) -> Path:
     """Export a train.py checkpoint (EMA weights preferred, as timm does) with :func:`export_folder`.
@@ -288,17 +283,15 @@ def export_checkpoint(
     The model name defaults to the checkpoint's ``arch``; ``num_classes`` and ``in_chans``
     default to the shapes of its classifier and first conv. The weights must fit exactly.
     """
-    import timm
-    from timm.models import get_pretrained_cfg, load_state_dict
+    from timm.models import get_pretrained_cfg
+
+    from .loading import create_ddw_model, read_checkpoint
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f'checkpoint={str(path)!r} does not exist')
-    meta = _checkpoint_meta(path)
+    state_dict, meta = read_checkpoint(path, use_ema=use_ema)
     name = model_name or meta.get('arch')
     if name not in TWINS:
-        raise ValueError(f'model {name!r} (from --model or the checkpoint\'s arch) is not one of {sorted(TWINS)}')
-    state_dict = load_state_dict(str(path), use_ema=use_ema)
+        raise ValueError(f"model {name!r} (given, or the checkpoint's arch) is not one of {sorted(TWINS)}")
     args = dict(meta.get('model_args') or {})
     args.update(model_args or {})
     cfg = get_pretrained_cfg(name)
@@ -307,33 +300,48 @@ def export_checkpoint(
         args['num_classes'] = int(state_dict[head].shape[0])
     if stem in state_dict and 'in_chans' not in args:
         args['in_chans'] = int(state_dict[stem].shape[1])
-    model = timm.create_model(name, **args)
-    try:
-        load_checked(model, state_dict)
-    except DdwCheckpointError as e:
-        raise DdwCheckpointError(f'{path}: {e}') from None
-    return export_folder(model.eval(), out_dir, model_args=args, **card)
+    model = create_ddw_model(name, **args)
+    load_checked(model, state_dict, source=str(path))
+    return export_folder(model.eval(), out_dir, model_args=args, overwrite=overwrite, **card)
 
 
 def _check_folder(folder: Path) -> List[Path]:
+    """The export files of ``folder``, checked: safetensors weights that open, a DDW config."""
     if not folder.is_dir():
-        raise FileNotFoundError(f'folder={str(folder)!r} is not a directory')
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and '.cache' not in p.parts)
-    pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+        raise FileNotFoundError(f'{folder} is not a folder')
+    pickles = [p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ValueError(f'{folder} holds pickle files {pickles}; publish safetensors only (timm-ddw export)')
     for required in (WEIGHTS_NAME, 'config.json'):
         if not (folder / required).is_file():
             raise FileNotFoundError(f'{folder} has no {required}; create the folder with `timm-ddw export`')
-    config = json.loads((folder / 'config.json').read_text())
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'config.json'} is not JSON: {e}") from None
     if config.get('architecture') not in TWINS or 'model_args' not in config:
         raise ValueError(f"{folder / 'config.json'} is not a DDW model config (architecture="
                          f"{config.get('architecture')!r}, needs one of {sorted(TWINS)} and model_args)")
     from safetensors import safe_open
-    with safe_open(str(folder / WEIGHTS_NAME), framework='pt') as f:  # fails on a truncated file
-        if not list(f.keys()):
-            raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
-    return files
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework='pt') as f:
+            if not list(f.keys()):
+                raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
+    except Exception as e:  # SafetensorError: truncated or not safetensors
+        if isinstance(e, ValueError):
+            raise
+        raise DdwCheckpointError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}') from None
+    return [folder / name for name in EXPORT_FILES if (folder / name).is_file()]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _is_network_error(e: BaseException) -> bool:
+    if isinstance(e, OSError):  # includes huggingface_hub's OfflineModeIsEnabled
+        return True
+    return type(e).__module__.split('.')[0] in ('httpx', 'httpx2', 'httpcore', 'requests', 'urllib3')
 
 
 def push_folder(
@@ -346,27 +354,44 @@ def push_folder(
         commit_message: str = 'Add DDW model (timm-ddw)',
         dry_run: bool = False,
 ) -> Dict[str, Any]:
-    """Upload an exported folder to the Hub model repo ``repo_id`` (created if missing).
+    """Upload the export files of ``folder`` to the Hub model repo ``repo_id`` (created if missing).
 
-    The token is ``token`` or huggingface_hub's usual one (``HF_TOKEN``, ``huggingface-cli login``).
-    ``dry_run`` checks the folder and returns the plan without any network call.
+    Only model.safetensors, config.json and README.md are uploaded; other files in the folder
+    are listed as ``skipped``. The token is ``token`` or huggingface_hub's usual one
+    (``HF_TOKEN``, ``hf auth login``); without one nothing is sent. ``dry_run`` checks the
+    folder and returns the plan without any network call. A Hub that cannot be reached raises
+    ConnectionError.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     files = _check_folder(folder)
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f"repo_id={repo_id!r} must be 'ORG/NAME'")
-    plan: Dict[str, Any] = dict(
-        repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
-        files=[str(p.relative_to(folder)) for p in files], token_found=bool(token or get_token()))
+    names = [p.name for p in files]
+    skipped = sorted(str(p.relative_to(folder)) for p in folder.rglob('*')
+                     if p.is_file() and p.name not in names and '.cache' not in p.parts)
+    token = token or get_token()
+    plan: Dict[str, Any] = dict(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
+                                files=names, skipped=skipped, token_found=bool(token))
     if dry_run:
         return plan
+    if not token:
+        raise PermissionError('no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded')
     api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-    commit = api.upload_folder(
-        repo_id=repo.repo_id, folder_path=str(folder), repo_type='model', revision=revision,
-        create_pr=create_pr, commit_message=commit_message, ignore_patterns=['.cache/*'])
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+        commit = api.upload_folder(
+            repo_id=repo.repo_id, folder_path=str(folder), repo_type='model', revision=revision,
+            create_pr=create_pr, commit_message=commit_message, allow_patterns=names)
+    except HfHubHTTPError as e:
+        raise ConnectionError(f'the Hugging Face Hub refused the upload to {repo_id}: {_first_line(e)}') from None
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        raise ConnectionError(f'could not reach the Hugging Face Hub at {constants.ENDPOINT} ({_first_line(e)}); '
+                              'nothing was uploaded') from None
     plan['url'] = getattr(commit, 'commit_url', None) or str(commit)
     return plan
 
@@ -390,6 +415,8 @@ def write_hub_configs(out_dir: PathLike = 'hub_configs') -> List[Path]:
 
 def check_hub_configs(out_dir: PathLike = 'hub_configs') -> List[str]:
     """Files under ``out_dir`` that differ from freshly generated ones (empty when in sync)."""
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f'{out_dir} does not exist; generate it with `timm-ddw hub-configs {out_dir}`')
     with tempfile.TemporaryDirectory() as tmp:
         fresh = write_hub_configs(tmp)
         stale = []
@@ -399,106 +426,3 @@ def check_hub_configs(out_dir: PathLike = 'hub_configs') -> List[str]:
             if not committed.is_file() or committed.read_text() != path.read_text():
                 stale.append(str(rel))
     return stale
-
-
-def _json_arg(text: Optional[str], what: str) -> Dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(Path(text).read_text() if Path(text).is_file() else text)
-    except (json.JSONDecodeError, OSError) as e:
-        raise SystemExit(f'{what} must be a JSON object or a JSON file: {e}') from None
-    if not isinstance(value, dict):
-        raise SystemExit(f'{what} must be a JSON object, got {value!r}')
-    return value
-
-
-def _user_errors(fn: Any) -> Any:
-    """Report bad input (missing files, mismatched checkpoints) as one line and exit code 1."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (OSError, ValueError, RuntimeError) as e:
-            print(f'timm-ddw {args.command}: error: {e}', file=sys.stderr)
-            return 1
-    return run
-
-
-@_user_errors
-def _cmd_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(
-        args.checkpoint, args.out_dir, model_name=args.model, model_args=_json_arg(args.model_args, '--model-args'),
-        use_ema=not args.no_ema, metrics=_json_arg(args.metrics, '--metrics'), recipe=args.recipe,
-        repo_id=args.repo_id, tag=args.tag, license=args.license)
-    print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
-    return 0
-
-
-@_user_errors
-def _cmd_push(args: argparse.Namespace) -> int:
-    plan = push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                       create_pr=args.create_pr, commit_message=args.commit_message, dry_run=args.dry_run)
-    if args.dry_run:
-        print(f"dry run: would upload {', '.join(plan['files'])} from {args.folder} to "
-              f"https://huggingface.co/{plan['repo_id']} (private={plan['private']}); "
-              f"token {'found' if plan['token_found'] else 'NOT found (set HF_TOKEN or run `hf auth login`)'}")
-    else:
-        print(f"uploaded to https://huggingface.co/{plan['repo_id']}: {plan['url']}")
-    return 0
-
-
-def _cmd_hub_configs(args: argparse.Namespace) -> int:
-    if args.check:
-        stale = check_hub_configs(args.out_dir)
-        if stale:
-            print(f"out of date under {args.out_dir}: {', '.join(stale)}; run `timm-ddw hub-configs {args.out_dir}`")
-            return 1
-        print(f'{args.out_dir} is up to date')
-        return 0
-    paths = write_hub_configs(args.out_dir)
-    print(f'wrote {len(paths)} files under {args.out_dir}')
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add the ``export``, ``push`` and ``hub-configs`` subcommands to ``timm-ddw``."""
-    p = subparsers.add_parser('export', help='write a Hub-ready folder (safetensors, config.json, card) '
-                                             'from a train.py checkpoint')
-    p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar/.pth/.safetensors); EMA weights preferred')
-    p.add_argument('out_dir', help='folder to write')
-    p.add_argument('--model', default=None, help="ddw_* model name (default: the checkpoint's arch)")
-    p.add_argument('--model-args', default=None,
-                   help='JSON object (or file) of constructor arguments, e.g. \'{"wiring": "static"}\'')
-    p.add_argument('--no-ema', action='store_true', help='export the raw weights even if EMA weights exist')
-    p.add_argument('--metrics', default=None, help='JSON object (or file) for the card, e.g. \'{"top1": 77.1}\'')
-    p.add_argument('--recipe', default=None, help='train.py YAML recipe to quote in the card')
-    p.add_argument('--repo-id', default=None, help='ORG/NAME the card refers to')
-    p.add_argument('--tag', default=None, help='pretrained tag to record in config.json')
-    p.add_argument('--license', default=None, help="licence (default: the source weights' licence)")
-    p.set_defaults(func=_cmd_export)
-
-    p = subparsers.add_parser('push', help='upload an exported folder to the Hugging Face Hub')
-    p.add_argument('folder')
-    p.add_argument('repo_id', help='ORG/NAME (created if missing)')
-    p.add_argument('--private', action='store_true')
-    p.add_argument('--revision', default=None)
-    p.add_argument('--create-pr', action='store_true')
-    p.add_argument('--commit-message', default='Add DDW model (timm-ddw)')
-    p.add_argument('--dry-run', action='store_true', help='check the folder and print the plan; no network')
-    p.set_defaults(func=_cmd_push)
-
-    p = subparsers.add_parser('hub-configs', help='regenerate hub_configs/<model>/{config.json,README.md}')
-    p.add_argument('out_dir', nargs='?', default='hub_configs')
-    p.add_argument('--check', action='store_true', help='exit 1 if the files differ from freshly generated ones')
-    p.set_defaults(func=_cmd_hub_configs)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m timm_ddw.hub', description=__doc__.splitlines()[0])
-    register_cli(parser.add_subparsers(dest='command', required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())

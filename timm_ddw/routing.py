@@ -4,14 +4,14 @@ The paper (section 4.5, Figs. 4 and 5) reads the mean and the standard deviation
 weight a_ij over the ImageNet validation set. :class:`RoutingStats` accumulates those (and the
 share of samples in which an edge is closed or a node removed, and per-class means) in a single
 pass whose memory does not grow with the number of samples; :func:`collect_routing` runs it over a
-data loader; ``timm-ddw routing`` does both from the command line and writes JSON, NPZ and PNGs.
+data loader. The figures are drawn by :mod:`timm_ddw.routing_plots`; ``timm-ddw routing`` (and
+:func:`timm_ddw.routing_report.routing_report`) does all of it from a checkpoint and a data set.
 
 Every matrix follows :func:`timm_ddw.capture_routing`: ``M[j, i]`` is the statistic of edge i -> j
 (rows: a node's inputs, columns: its outputs).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,15 +24,15 @@ import torch
 import torch.nn as nn
 
 from .capture import capture_routing, graph_stages
-from .data import fashion_mnist
+from .routing_plots import PLOTS_HINT, plot_class_differences, plot_stage_heatmaps, require_matplotlib, save_figure
 
-__all__ = [
-    'RoutingStats', 'collect_routing', 'plot_stage_heatmaps', 'plot_class_differences',
-    'SCHEMA_VERSION', 'register_cli',
-]
+__all__ = ['REPORT_FILES', 'RoutingStats', 'SCHEMA_VERSION', 'collect_routing', 'plot_class_differences',
+           'plot_stage_heatmaps']
 
 SCHEMA_VERSION = 1
-_PLOTS_HINT = "matplotlib is needed for the routing figures: pip install 'timm-ddw[plots]'"
+# every file RoutingStats.save may write, figures included
+REPORT_FILES = ('routing.json', 'routing.npz', 'summary.txt', 'routing_mean.png', 'routing_std.png',
+                'routing_closed.png', 'routing_class_diff.png')
 
 Captured = Mapping[str, Union[torch.Tensor, Sequence[torch.Tensor]]]
 
@@ -333,14 +333,24 @@ class RoutingStats:
         return out
 
     # ------------------------------------------------------------------ files
-    def save(self, out_dir: Union[str, Path], plots: Optional[bool] = None) -> Dict[str, Path]:
+    def save(self, out_dir: Union[str, Path], plots: Optional[bool] = None, overwrite: bool = False
+             ) -> Dict[str, Path]:
         """Write routing.json, routing.npz, summary.txt and (with matplotlib) the PNG figures.
 
         plots: None draws the figures when matplotlib is installed (warning otherwise), True
-        requires it, False skips them. Returns {'json', 'npz', 'summary', 'mean_png', ...: path}.
+        requires it, False skips them. A folder that already holds a report is refused
+        (FileExistsError) unless ``overwrite``, which first removes every file of the old report,
+        so no figure of other data is left next to the new statistics. Returns {'json', 'npz',
+        'summary', 'mean_png', ...: path}.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        old = [out / name for name in REPORT_FILES if (out / name).exists()]
+        if old and not overwrite:
+            raise FileExistsError(f'{out} already holds a routing report ({", ".join(p.name for p in old)}); '
+                                  'nothing was written')
+        for path in old:
+            path.unlink()
         paths = dict(json=out / 'routing.json', npz=out / 'routing.npz', summary=out / 'summary.txt')
         with paths['json'].open('w') as f:
             f.write(_dumps(self.to_json()) + '\n')
@@ -360,19 +370,19 @@ class RoutingStats:
         if plots is False:
             return paths
         try:
-            _require_matplotlib()
+            require_matplotlib()
         except ImportError:
             if plots:
                 raise
-            warnings.warn(f'{_PLOTS_HINT}; skipping the PNG figures', stacklevel=2)
+            warnings.warn(f'{PLOTS_HINT}; skipping the PNG figures', stacklevel=2)
             return paths
         figures = dict(mean_png=('mean', 'routing_mean.png'), std_png=('std', 'routing_std.png'),
                        closed_png=('closed_share', 'routing_closed.png'))
         for key, (which, file) in figures.items():
-            _save_figure(plot_stage_heatmaps(self, which), out / file)
+            save_figure(plot_stage_heatmaps(self, which), out / file)
             paths[key] = out / file
         if self.has_classes:
-            _save_figure(plot_class_differences(self), out / 'routing_class_diff.png')
+            save_figure(plot_class_differences(self), out / 'routing_class_diff.png')
             paths['class_diff_png'] = out / 'routing_class_diff.png'
         return paths
 
@@ -415,19 +425,26 @@ def collect_routing(
         max_batches: Optional[int] = None,
         progress: bool = True,
         num_classes: Optional[int] = None,
+        amp: bool = False,
 ) -> RoutingStats:
     """Run ``model`` (in eval mode) over ``loader`` and accumulate its routing.
 
     A batch is an image tensor or a tuple/list whose first item is the images and whose second,
-    when present, holds integer class labels (used for per-class means).
+    when present, holds integer class labels (used for per-class means). ``amp`` runs the
+    forward under autocast (float16 on CUDA, bfloat16 on CPU), as training with ``--amp`` does.
     """
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
     if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
         raise ValueError(f'max_batches={max_batches!r} must be a positive int or None')
     stats = RoutingStats.for_model(model, num_classes=num_classes)
     was_training = model.training
+    device = torch.device(device)
     model.to(device).eval()
+    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if amp else nullcontext
     try:
         total = len(loader) if hasattr(loader, '__len__') else None
     except TypeError:
@@ -449,7 +466,8 @@ def collect_routing(
                     images = batch
                 if not isinstance(images, torch.Tensor):
                     raise TypeError(f'loader batches must be image tensors or (images, labels), got {type(images)}')
-                model(images.to(device))
+                with autocast():
+                    model(images.to(device))
                 stats.update(captured, labels)
                 for v in captured.values():
                     v.clear()
@@ -457,309 +475,3 @@ def collect_routing(
     finally:
         model.train(was_training)
     return stats
-
-
-# ---------------------------------------------------------------------- figures
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ImportError(_PLOTS_HINT) from e
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout='constrained')
-    FigureCanvasAgg(fig)  # Agg canvas: no display, no global pyplot state
-    return fig
-
-
-def _save_figure(fig, path: Path) -> None:
-    fig.savefig(path, dpi=fig.dpi)
-
-
-def _node_ticks(ax, n: int, outer_x: bool = True, outer_y: bool = True, fontsize: float = 8) -> None:
-    """Label a cropped heatmap: columns are sending nodes 0..n-2, rows receiving nodes 1..n-1."""
-    step = 1 if n <= 17 else 2
-    cols = [i for i in range(n - 1) if i % step == 0]
-    rows = [j for j in range(1, n) if j % step == 0 or j == n - 1]
-    xl = [f'{i}\nin' if i == 0 else str(i) for i in cols]
-    yl = [f'out {j}' if j == n - 1 else str(j) for j in rows]
-    ax.set_xticks(cols, xl if outer_x else [''] * len(cols), fontsize=fontsize)
-    ax.set_yticks([j - 1 for j in rows], yl if outer_y else [''] * len(rows), fontsize=fontsize)
-
-
-def _heatmap(ax, data: np.ndarray, cmap, vmin: float, vmax: float, annotate: bool):
-    """Draw ``data[j, i]`` without row 0 and column N-1, which never hold an edge (node 0 has no
-    inputs, the output node no outputs)."""
-    data = data[1:, :-1]
-    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, interpolation='nearest')
-    if annotate:
-        mid = (vmin + vmax) / 2
-        for (j, i), v in np.ndenumerate(data):
-            if math.isfinite(v):
-                dark = v > mid if vmin >= 0 else abs(v) > 0.6 * vmax
-                ax.text(i, j, f'{v:.2f}', ha='center', va='center', fontsize=7, color='white' if dark else 'black')
-    return im
-
-
-_WHICH = dict(  # title (with {n} samples), colour bar label
-    mean=('mean edge weight over {n} samples', 'mean of a_ij'),
-    std=('standard deviation of each edge weight across {n} samples', 'std of a_ij'),
-    closed_share=('share of {n} samples in which each edge is closed (a_ij = 0)', 'share closed'),
-)
-
-
-def plot_stage_heatmaps(stats: RoutingStats, which: str = 'mean'):
-    """One heatmap per stage of ``which`` ('mean': paper Fig. 4, 'std': Fig. 5, 'closed_share').
-
-    Returns a matplotlib Figure (Agg canvas) with one image axis per stage and a shared colour bar;
-    rows are receiving nodes j, columns sending nodes i, grey cells have no edge.
-    """
-    _require_matplotlib()
-    import matplotlib
-
-    if which not in _WHICH:
-        raise ValueError(f'which={which!r} is not one of {tuple(_WHICH)}')
-    names = stats.stage_names
-    if not names:
-        raise ValueError('no statistics yet: call update() or collect_routing() first')
-    data = [stats.stage(n)[which] for n in names]
-    biggest = max(d.shape[0] for d in data)
-    if which == 'std':
-        vmax = max([float(np.nanmax(d)) for d in data if np.isfinite(d).any()] + [1e-6])
-        cmap = matplotlib.colormaps['Blues']
-    else:
-        vmax = 1.0
-        cmap = matplotlib.colormaps['Blues' if which == 'mean' else 'Reds']
-    cmap = cmap.with_extremes(bad='0.85')
-    side = max(2.6, 0.26 * biggest)
-    fig = _new_figure(side * len(names) + 1.2, side + 1.0)
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    im = None
-    for k, (ax, name, d) in enumerate(zip(axes, names, data, strict=True)):
-        im = _heatmap(ax, d, cmap, 0.0, vmax, annotate=d.shape[0] <= 10)
-        _node_ticks(ax, d.shape[0], outer_y=True)
-        ax.set_title(f'{name} (N={d.shape[0]})', fontsize=10)
-        ax.set_xlabel('from node i', fontsize=8)
-        if k == 0:
-            ax.set_ylabel('to node j', fontsize=8)
-    fig.colorbar(im, ax=list(axes), shrink=0.85, label=_WHICH[which][1])
-    model = stats.meta.get('model', 'model')
-    fig.suptitle(f'{model}: ' + _WHICH[which][0].format(n=stats.num_samples), fontsize=11)
-    return fig
-
-
-def plot_class_differences(stats: RoutingStats, max_classes: int = 10):
-    """Per-class mean minus overall mean, one row per class and one column per stage.
-
-    With more than ``max_classes`` classes, the classes that deviate most (largest mean absolute
-    difference over all edges) are shown, in class order. Returns a matplotlib Figure.
-    """
-    _require_matplotlib()
-    import matplotlib
-
-    counts = stats.class_counts()
-    if counts is None:
-        raise ValueError('no per-class statistics: pass labels to update() / a labelled loader')
-    names = stats.stage_names
-    diffs = [stats.stage(n)['class_mean'] - stats.stage(n)['mean'][None] for n in names]
-    present = np.nonzero(counts > 0)[0]
-    score = np.array([np.nanmean(np.concatenate([np.abs(d[c]).ravel() for d in diffs])) for c in present])
-    shown = sorted(present[np.argsort(-score, kind='stable')[:max_classes]].tolist())
-    vmax = max([float(np.nanmax(np.abs(d[shown]))) for d in diffs if np.isfinite(d[shown]).any()] + [1e-6])
-    cmap = matplotlib.colormaps['RdBu_r'].with_extremes(bad='0.85')
-    biggest = max(d.shape[1] for d in diffs)
-    side = max(1.9, 0.2 * biggest)
-    fig = _new_figure(side * len(names) + 1.6, side * len(shown) + 1.0)
-    axes = fig.subplots(len(shown), len(names), squeeze=False)
-    im = None
-    labels = stats.class_names or []
-    for r, c in enumerate(shown):
-        label = labels[c] if c < len(labels) else f'class {c}'
-        for k, name in enumerate(names):
-            ax = axes[r, k]
-            d = diffs[k][c]
-            im = _heatmap(ax, d, cmap, -vmax, vmax, annotate=False)
-            _node_ticks(ax, d.shape[0], outer_x=r == len(shown) - 1, outer_y=k == 0, fontsize=6)
-            if r == 0:
-                ax.set_title(f'{name} (N={d.shape[0]})', fontsize=9)
-            if k == 0:
-                ax.set_ylabel(f'{label}\n(n={int(counts[c])})', fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label='class mean - overall mean of a_ij')
-    model = stats.meta.get('model', 'model')
-    extra = f' ({len(shown)} of {len(present)} classes)' if len(shown) < len(present) else ''
-    fig.suptitle(f'{model}: per-class mean edge weight minus overall mean{extra}\n'
-                 'rows: to node j, columns: from node i', fontsize=10)
-    return fig
-
-
-# ---------------------------------------------------------------------- data
-# ---------------------------------------------------------------------- command line
-class CliError(Exception):
-    """A user error in ``timm-ddw routing`` arguments: printed without a traceback."""
-
-
-def _load_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
-    import timm
-    from timm.models import get_pretrained_cfg, load_checkpoint
-
-    ddw_models = timm.list_models('ddw_*')
-    if not timm.is_model(args.model):
-        raise CliError(f'--model {args.model!r} is not a known timm model; DDW models: {", ".join(ddw_models)}')
-    kwargs: Dict[str, Any] = {}
-    pretrained_cfg = None
-    info: Dict[str, Any] = dict(model=args.model)
-    if args.checkpoint is not None:
-        ckpt = Path(args.checkpoint)
-        if not ckpt.is_file():
-            raise CliError(f'--checkpoint {str(ckpt)!r}: no such file')
-        info['checkpoint'] = str(ckpt)
-        config = ckpt.parent / 'config.json'
-        if config.is_file():
-            from timm.models._hub import load_model_config_from_path
-
-            try:
-                pretrained_cfg, arch, kwargs = load_model_config_from_path(ckpt.parent)
-            except (KeyError, ValueError) as e:
-                raise CliError(f'{config}: not a timm model config ({e!r})') from e
-            if arch != args.model:
-                raise CliError(f'--model {args.model!r} differs from {config}\'s architecture {arch!r}')
-            kwargs = dict(kwargs)
-            info['config'] = str(config)
-    elif args.pretrained:
-        cfg = get_pretrained_cfg(args.model)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
-            raise CliError(f'--pretrained: timm has no pretrained weights for {args.model!r}; use --checkpoint FILE')
-        info['pretrained'] = True
-    kwargs.update(args.model_kwargs or {})
-    info['model_kwargs'] = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
-    except TypeError as e:
-        raise CliError(f'--model-kwargs {kwargs}: {e}') from e
-    except (OSError, RuntimeError) as e:  # weights that cannot be downloaded or do not fit
-        if not args.pretrained:
-            raise
-        raise CliError(f'--pretrained: could not load the weights of {args.model}: {e}') from e
-    if not graph_stages(model):
-        raise CliError(f'--model {args.model!r} has no DDW graph stages; DDW models: {", ".join(ddw_models)}')
-    if args.checkpoint is not None:
-        try:
-            load_checkpoint(model, str(args.checkpoint), use_ema=args.use_ema, strict=True)
-        except Exception as e:  # a wrong file or a wrong model: say which, keep the reason
-            reason = str(e).strip().splitlines()
-            raise CliError(
-                f'--checkpoint {args.checkpoint!r} does not load into {args.model} with {kwargs or "default kwargs"}: '
-                f'{reason[0] if reason else type(e).__name__} ... (set --model-kwargs, e.g. num_classes=10 in_chans=1, '
-                'or put the config.json saved with the checkpoint next to it)') from e
-    return model, info
-
-
-def _build_dataset(args: argparse.Namespace, transform, in_chans: int):
-    if in_chans not in (1, 3):
-        raise CliError(f'the model takes {in_chans} input channels; images can be fed as 1 (L) or 3 (RGB)')
-    mode = 'L' if in_chans == 1 else 'RGB'
-    if args.data == 'fashion-mnist':
-        try:
-            ds = fashion_mnist(args.split, transform=transform, mode=mode)
-        except FileNotFoundError as e:
-            raise CliError(f'--data fashion-mnist: {e}') from e
-        return ds, ds.classes, f'fashion-mnist ({args.split})'
-    root = Path(args.data)
-    if not root.is_dir():
-        raise CliError(f"--data {args.data!r} is neither 'fashion-mnist' nor an existing folder of images")
-    from timm.data import ImageDataset
-
-    try:
-        ds = ImageDataset(str(root), transform=transform, input_img_mode=mode)
-    except RuntimeError as e:
-        raise CliError(f'--data {args.data!r}: {e}') from e
-    if len(ds) == 0:
-        raise CliError(f'--data {args.data!r}: no images found (expects image files, e.g. .jpg/.png, '
-                       'optionally in one sub-folder per class)')
-    class_to_idx = getattr(ds.reader, 'class_to_idx', None) or {}
-    classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
-    return ds, classes, str(root)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    try:
-        return _routing_command(args)
-    except CliError as e:
-        print(f'timm-ddw routing: error: {e}', file=sys.stderr)
-        return 2
-
-
-def _routing_command(args: argparse.Namespace) -> int:
-    import timm
-    from timm.data import create_transform, resolve_input_data_config
-
-    from . import __version__
-
-    for flag, value in (('--batch-size', args.batch_size), ('--limit', args.limit), ('--img-size', args.img_size)):
-        if value is not None and value < 1:
-            raise CliError(f'{flag} {value}: must be a positive integer')
-    if args.workers < 0:
-        raise CliError(f'--workers {args.workers}: must be >= 0')
-    if args.data != 'fashion-mnist' and not Path(args.data).is_dir():
-        raise CliError(f"--data {args.data!r} is neither 'fashion-mnist' nor an existing folder of images")
-    model, info = _load_model(args)
-    data_args = {'img_size': args.img_size} if args.img_size else {}
-    try:
-        data_config = resolve_input_data_config(model, args=data_args)
-    except ValueError as e:
-        raise CliError(f'--img-size {args.img_size}: {e}') from e
-    transform = create_transform(**data_config)
-    dataset, classes, data_name = _build_dataset(args, transform, data_config['input_size'][0])
-    if args.limit is not None and args.limit < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(args.limit))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    stats = collect_routing(model, loader, device=args.device, progress=not args.no_progress,
-                            num_classes=len(classes) or None)
-    stats.class_names = classes or None
-    stats.meta.update(info)
-    stats.meta.update(
-        data=data_name, num_samples=stats.num_samples, input_size=list(data_config['input_size']),
-        mean=list(data_config['mean']), std=list(data_config['std']), crop_pct=data_config['crop_pct'],
-        interpolation=data_config['interpolation'], timm_version=timm.__version__, timm_ddw_version=__version__)
-    paths = stats.save(args.out, plots=False if args.no_plots else None)
-    print(stats.text_summary())
-    print('wrote ' + ', '.join(str(p) for p in paths.values()))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``timm-ddw routing``."""
-    from timm.utils.misc import ParseKwargs
-
-    p = subparsers.add_parser(
-        'routing', help='routing statistics and heatmaps of a DDW model over a data set',
-        description='Run a DDW model over images and write per-stage edge statistics (routing.json, routing.npz, '
-                    'summary.txt) and heatmaps (PNG, needs matplotlib) to --out. Preprocessing is timm\'s data '
-                    'config and eval transform for the model.')
-    p.add_argument('--model', required=True, help='timm model name, e.g. ddw_resnet18')
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--checkpoint', metavar='FILE',
-                     help='weights: .safetensors or a torch checkpoint (state_dict / state_dict_ema keys as timm '
-                          'saves them); a config.json next to it (timm hub format) sets the model kwargs')
-    src.add_argument('--pretrained', action='store_true', help="timm's pretrained weights for --model")
-    p.add_argument('--data', required=True, metavar='PATH|fashion-mnist',
-                   help='an image folder (one sub-folder per class) or fashion-mnist (the installed IDX files)')
-    p.add_argument('--out', required=True, metavar='DIR', help='output folder')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                   help='model constructor kwargs, e.g. num_classes=10 in_chans=1 wiring=dynamic '
-                        '(override config.json)')
-    p.add_argument('--use-ema', action='store_true', help="use the checkpoint's state_dict_ema when present")
-    p.add_argument('--split', default='test', choices=('train', 'test'), help='fashion-mnist split (default test)')
-    p.add_argument('--limit', type=int, default=None, metavar='N', help='use only the first N samples')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--img-size', type=int, default=None, help="input size (default: the model's data config)")
-    p.add_argument('--workers', type=int, default=2, help='data loader workers')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--no-plots', action='store_true', help='write no PNG figures')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.set_defaults(func=_run_cli)

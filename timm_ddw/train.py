@@ -1,56 +1,178 @@
-"""``timm-ddw train``: train and evaluate a DDW model on Fashion-MNIST or an image folder.
+"""The main job: train and evaluate a DDW model on Fashion-MNIST or an image folder.
 
 Built from timm's library pieces (``create_model``, ``create_loader``, ``create_optimizer_v2``,
-``create_scheduler_v2``, timm's losses), so what works here works in timm's train.py. The run
-ends with a report folder: ``metrics.json`` (per-epoch train loss, val top-1, throughput),
-``routing.json`` (per-stage mean adjacency and share of closed edges over the val set) and the
-final weights as safetensors under ``model/``.
+``create_scheduler_v2``, timm's losses, ``ModelEmaV3``, ``CheckpointSaver``), so what works here
+works in timm's train.py. :class:`TrainConfig` is the recipe, with timm's flag names;
+:func:`train` runs it and writes a report folder: ``last.pth.tar`` after every epoch (timm's
+checkpoint format), then the final weights as safetensors under ``model/``, the routing report
+(``routing.json``, heatmaps) and ``metrics.json``.
+
+A run is reproducible epoch by epoch: every epoch draws its data order and augmentation from
+``seed + epoch``, so ``train(TrainConfig.from_checkpoint('.../last.pth.tar'))`` continues an
+interrupted run to exactly the result of an uninterrupted one.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import create_loader, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy, random_seed
+from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, get_state_dict, random_seed, unwrap_model
 from tqdm import tqdm
 
-from .capture import capture_routing, graph_stages
+from .capture import capture_routing
 from .data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     ArrayImageDataset,
+    image_folder_splits,
     load_fashion_mnist,
 )
-from .graph import WIRINGS
+from .loading import check_ddw_name, create_ddw_model, load_weights, read_train_checkpoint
 from .models._ddw import DDW_DEFAULTS
+from .models._pretrained import DdwCheckpointError, load_checked
 from .routing import RoutingStats
+from .runtime import cpu_seconds, new_output_dir, remove_if_empty, resolve_device
 
-__all__ = ['evaluate', 'register_cli', 'train']
+__all__ = ['QUICK', 'SCHEDULERS', 'TrainConfig', 'TrainingInterrupted', 'evaluate', 'train']
 
-# the main job's defaults: about 10 minutes on 2 CPU cores (see README, "Training")
-DEFAULTS = dict(
-    model='ddw_resnet18', img_size=32, epochs=3, batch_size=128, train_subset=0, val_subset=0,
-    lr=0.1, momentum=0.9, weight_decay=5e-4, smoothing=0.1, warmup_steps=50, workers=0, max_steps=0,
-    threads=1)
+SCHEDULERS = ('cosine', 'tanh', 'poly', 'step', 'multistep', 'constant', 'none')
+CHECKPOINT = 'last.pth.tar'
+
+
+@dataclass
+class TrainConfig:
+    """The recipe of one run; field names are timm train.py's flags (``--data-dir``, ``--model-kwargs``, ...).
+
+    The defaults are the main job: ddw_resnet18 on Fashion-MNIST at 32 px for 3 epochs, about
+    10 minutes on 2 CPU cores.
+    """
+    # data
+    data_dir: Optional[str] = None  # image folder with train/ and val/ class sub-folders; None: Fashion-MNIST
+    val_split: Optional[str] = None  # name of data_dir's validation folder; None: val/ or validation/
+    fashion_mnist_dir: str = str(FASHION_MNIST_DIR)
+    train_subset: int = 0  # train on a fixed random subset of this many images (0: all)
+    val_subset: int = 0
+    img_size: int = 32
+    in_chans: Optional[int] = None  # None: 1 for Fashion-MNIST, 3 for an image folder
+    workers: int = 0
+    # model
+    model: str = 'ddw_resnet18'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # wiring, router_bias, ... (timm's --model-kwargs)
+    num_classes: Optional[int] = None  # None: the data's number of classes
+    pretrained: bool = False
+    initial_checkpoint: Optional[str] = None
+    grad_checkpointing: bool = False
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 128
+    opt: str = 'momentum'
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    smoothing: float = 0.1
+    sched: str = 'cosine'
+    warmup_steps: int = 50
+    max_steps: int = 0  # at most this many optimizer steps in total, spread over the epochs (0: no limit)
+    seed: int = 0
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    # run
+    device: str = 'auto'
+    amp: bool = False
+    amp_dtype: str = 'float16'
+    channels_last: bool = False
+    threads: int = 1  # torch CPU threads (0: torch's default)
+    output: Optional[str] = None  # report folder; None: ./output/<time>-<model>-<dataset>
+    resume: Optional[str] = None  # a last.pth.tar to continue from (see from_checkpoint)
+    smoke_test: bool = False  # set by quick(): the output says the run tests the pipeline, not the model
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> TrainConfig:
+        """A smoke run of the whole pipeline in seconds (``timm-ddw train --quick``)."""
+        return cls(**{**QUICK, 'smoke_test': True, **overrides})
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **overrides: Any) -> TrainConfig:
+        """The recipe stored in a ``last.pth.tar`` of ``timm-ddw train``, set to resume from it.
+
+        ``overrides`` change fields (e.g. more ``epochs``); the output defaults to the
+        checkpoint's folder, where the run continues.
+        """
+        checkpoint = read_train_checkpoint(path)
+        args = checkpoint.get('args')
+        if 'history' not in checkpoint or not isinstance(args, argparse.Namespace):
+            raise DdwCheckpointError(f'{path} was not written by timm-ddw train, so its recipe is unknown; start '
+                                     'from its weights with initial_checkpoint (--initial-checkpoint) instead')
+        names = {f.name for f in dataclasses.fields(cls)}
+        recipe = {k: v for k, v in vars(args).items() if k in names}
+        recipe.update(output=None, initial_checkpoint=None, pretrained=False)
+        if 'model_kwargs' in overrides:
+            overrides = dict(overrides, model_kwargs={**recipe.get('model_kwargs', {}), **overrides['model_kwargs']})
+        recipe.update(overrides)
+        return cls(**dict(recipe, resume=str(path)))
+
+
 # --quick: a smoke run for CI, seconds on a CPU
 QUICK = dict(epochs=1, batch_size=32, train_subset=256, val_subset=256, max_steps=8, warmup_steps=0)
+# what changes a run's result (the rest is where and how fast it runs)
+_RESULT_FIELDS = ('data_dir', 'val_split', 'train_subset', 'val_subset', 'img_size', 'in_chans', 'model',
+                  'model_kwargs', 'num_classes', 'epochs', 'batch_size', 'opt', 'lr', 'momentum', 'weight_decay',
+                  'smoothing', 'sched', 'warmup_steps', 'max_steps', 'seed', 'model_ema', 'model_ema_decay',
+                  'model_ema_warmup', 'amp', 'amp_dtype')
+
+
+class TrainingInterrupted(Exception):
+    """``should_stop`` asked the run to stop; ``checkpoint`` (or None) is what it can resume from."""
+
+    def __init__(self, epoch: int, epochs: int, checkpoint: Optional[Path], output: Path,
+                 saved_epochs: int) -> None:
+        self.epoch, self.epochs, self.checkpoint, self.output = epoch, epochs, checkpoint, output
+        self.saved_epochs = saved_epochs
+        where = f'{checkpoint} holds {saved_epochs} finished epoch(s)' if checkpoint else 'no epoch was finished'
+        super().__init__(f'interrupted in epoch {epoch}/{epochs}; {where}')
+
+
+class _Stop(Exception):
+    """Raised between steps when ``should_stop()`` is true."""
+
+
+def _check_config(c: TrainConfig) -> None:
+    check_ddw_name(c.model)
+    for name in ('epochs', 'batch_size', 'img_size'):
+        if getattr(c, name) < 1:
+            raise ValueError(f'{name}={getattr(c, name)}: must be >= 1')
+    for name in ('train_subset', 'val_subset', 'workers', 'max_steps', 'warmup_steps', 'threads'):
+        if getattr(c, name) < 0:
+            raise ValueError(f'{name}={getattr(c, name)}: must be >= 0')
+    if not (c.lr > 0 and math.isfinite(c.lr)):
+        raise ValueError(f'lr={c.lr}: must be a positive number')
+    if c.sched not in SCHEDULERS:
+        raise ValueError(f'sched={c.sched!r} is not one of {", ".join(SCHEDULERS)}')
+    if c.amp_dtype not in ('float16', 'bfloat16'):
+        raise ValueError(f"amp_dtype={c.amp_dtype!r} is not 'float16' or 'bfloat16'")
+    if not 0.0 <= c.model_ema_decay < 1.0:
+        raise ValueError(f'model_ema_decay={c.model_ema_decay}: must be in [0, 1)')
+    if c.resume and (c.pretrained or c.initial_checkpoint):
+        raise ValueError('resume continues from its checkpoint\'s weights: drop pretrained / initial_checkpoint')
 
 
 def _subset(dataset, size: int, seed: int):
@@ -59,7 +181,7 @@ def _subset(dataset, size: int, seed: int):
         return dataset
     index = np.random.default_rng(seed).permutation(len(dataset))[:size]
     if isinstance(dataset, ArrayImageDataset):
-        return ArrayImageDataset(dataset.images[index], dataset.labels[index], dataset.classes)
+        return ArrayImageDataset(dataset.images[index], dataset.labels[index], dataset.classes, mode=dataset.mode)
     return _IndexedSubset(dataset, index)
 
 
@@ -84,42 +206,46 @@ class _IndexedSubset(torch.utils.data.Dataset):
         return self.dataset[int(self.index[i])]
 
 
-def _datasets(args) -> Tuple[Any, Any, int, int, Tuple[float, ...], Tuple[float, ...], str, List[str]]:
-    """Train/val datasets, num_classes, in_chans, mean, std, a name, class names."""
-    if args.data:
-        root = Path(args.data)
-        if not root.is_dir():
-            raise FileNotFoundError(f'--data {root}: not a directory (expected train/ and val/ image folders)')
-        mode = 'L' if args.in_chans == 1 else 'RGB'
-        try:
-            train_ds = create_dataset('', root=str(root), split='train', is_training=True, input_img_mode=mode)
-            val_ds = create_dataset('', root=str(root), split=args.val_split, is_training=False, input_img_mode=mode)
-        except RuntimeError as e:
-            raise FileNotFoundError(f'--data {root}: {e}') from e
-        classes = list(train_ds.reader.class_to_idx)
-        if list(val_ds.reader.class_to_idx) != classes:
-            raise ValueError(f'--data {root}: train and {args.val_split} splits have different classes')
-        in_chans = args.in_chans or 3
-        return train_ds, val_ds, len(classes), in_chans, (), (), root.name, classes
-    tr = ArrayImageDataset(*load_fashion_mnist(args.fashion_mnist_dir, 'train'), FASHION_MNIST_CLASSES)
-    va = ArrayImageDataset(*load_fashion_mnist(args.fashion_mnist_dir, 'val'), FASHION_MNIST_CLASSES)
-    if args.in_chans not in (None, 1):
-        raise ValueError(f'--in-chans {args.in_chans}: Fashion-MNIST images have 1 channel')
-    return tr, va, 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 'fashion-mnist', list(FASHION_MNIST_CLASSES)
+def _datasets(c: TrainConfig, in_chans: Optional[int]) -> Tuple[Any, Any, int, Tuple[float, ...],
+                                                                 Tuple[float, ...], str, List[str]]:
+    """Train/val datasets, in_chans, mean, std, a name and the class names."""
+    if c.data_dir:
+        in_chans = in_chans or 3
+        train_ds, val_ds, classes = image_folder_splits(c.data_dir, c.val_split, mode='L' if in_chans == 1 else 'RGB')
+        return train_ds, val_ds, in_chans, (), (), Path(c.data_dir).name, classes
+    if in_chans not in (None, 1):
+        raise ValueError(f'in_chans={in_chans}: Fashion-MNIST images have 1 channel')
+    tr = ArrayImageDataset(*load_fashion_mnist(c.fashion_mnist_dir, 'train'), FASHION_MNIST_CLASSES)
+    va = ArrayImageDataset(*load_fashion_mnist(c.fashion_mnist_dir, 'val'), FASHION_MNIST_CLASSES)
+    return tr, va, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 'fashion-mnist', list(FASHION_MNIST_CLASSES)
 
 
-def _device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'--device {name}: CUDA is not available here (use --device cpu or auto)')
-    return device
+def _requested(c: TrainConfig, key: str) -> Optional[int]:
+    """``num_classes`` / ``in_chans`` as a flag or in model_kwargs (they must agree)."""
+    flag, kwarg = getattr(c, key), c.model_kwargs.get(key)
+    if flag is not None and kwarg is not None and flag != kwarg:
+        raise ValueError(f'{key}={flag} contradicts model_kwargs {key}={kwarg}')
+    return flag if flag is not None else kwarg
+
+
+def _model_args(c: TrainConfig, num_data_classes: int, in_chans: int) -> Dict[str, Any]:
+    """Every constructor argument of the model, the DDW ones included."""
+    num_classes = _requested(c, 'num_classes')
+    if num_classes is None:
+        num_classes = num_data_classes
+    elif isinstance(num_classes, int) and num_classes < num_data_classes:
+        raise ValueError(f'num_classes={num_classes}: the data has {num_data_classes} classes')
+    return {**DDW_DEFAULTS, **c.model_kwargs, 'num_classes': num_classes, 'in_chans': in_chans}
+
+
+def _to_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: bool = False,
-             progress: bool = False, desc: str = 'val', class_names: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontext, routing: bool = False,
+             progress: bool = False, desc: str = 'val', class_names: Sequence[str] = (),
+             channels_last: bool = False, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """Top-1/top-5/loss over ``loader``; with ``routing`` also its RoutingStats (per class too)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction='sum')
@@ -129,7 +255,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: 
     start = time.perf_counter()
     with ctx as captured:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            x, y = x.to(device), y.to(device)
+            if should_stop is not None and should_stop():
+                raise _Stop
+            x, y = _to_input(x.to(device), channels_last), y.to(device)
             with autocast():
                 logits = model(x)
             logits = logits.float()
@@ -152,6 +280,26 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, routing: 
     return out
 
 
+class _CheckpointState:
+    """CheckpointSaver's ``task`` hook: the entries of timm's format (``state_dict``,
+    ``state_dict_ema``) plus what an exact resume needs: the scheduler, the history so far and the
+    model's constructor arguments (read by ``timm-ddw export``)."""
+
+    def __init__(self, model: nn.Module, model_ema: Optional[ModelEmaV3], scheduler, history: List[Dict[str, Any]],
+                 model_args: Dict[str, Any]) -> None:
+        self.model, self.model_ema, self.scheduler = model, model_ema, scheduler
+        self.history, self.model_args = history, model_args
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
+        if ema:
+            return {} if self.model_ema is None else {'state_dict_ema': get_state_dict(self.model_ema, unwrap_fn)}
+        state = dict(state_dict=get_state_dict(self.model, unwrap_fn), history=list(self.history),
+                     model_args=dict(self.model_args))
+        if self.scheduler is not None:
+            state['scheduler'] = self.scheduler.state_dict()
+        return state
+
+
 def _export(model: nn.Module, out_dir: Path, model_args: Dict[str, Any], metrics: Dict[str, Any],
             recipe: Dict[str, Any], data_config: Dict[str, Any]) -> str:
     """Final weights in the Hub export format, with the data config they were trained with."""
@@ -162,236 +310,257 @@ def _export(model: nn.Module, out_dir: Path, model_args: Dict[str, Any], metrics
     return 'timm_ddw.hub.export_folder'
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (loader workers), all threads."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return time.process_time()
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+def _output_dir(c: TrainConfig, model: str, data_name: str) -> Tuple[Path, str]:
+    """The report folder and a note on how it was chosen."""
+    if c.output:
+        wanted = Path(c.output)
+    elif c.resume:
+        # continue in the checkpoint's own folder, unless that run already wrote its report
+        folder = Path(c.resume).parent
+        if not (folder / 'metrics.json').exists():
+            return new_output_dir(folder, reuse=True), ' (continuing in the checkpoint\'s folder)'
+        wanted = folder
+    else:
+        wanted = Path('output') / f'{datetime.now().strftime("%Y%m%d-%H%M%S")}-{model}-{data_name}'
+    out = new_output_dir(wanted)
+    return out, f' ({wanted} already holds files)' if out != wanted else ''
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the job described by ``args`` (see ``register_cli``); returns the metrics it writes."""
+def train(config: TrainConfig, should_stop: Optional[Callable[[], bool]] = None,
+          progress: bool = True) -> Dict[str, Any]:
+    """Run ``config``; returns the metrics it writes to ``metrics.json``.
+
+    ``should_stop`` is polled between steps (``timm-ddw train`` sets it on Ctrl-C): the current
+    epoch is abandoned and :class:`TrainingInterrupted` names the checkpoint to resume from.
+    """
     threads = torch.get_num_threads()
     try:
-        return _train(args)
+        return _train(config, should_stop or (lambda: False), progress)
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
-def _train(args: argparse.Namespace) -> Dict[str, Any]:
-    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) == DEFAULTS.get(k, None):
-                setattr(args, k, v)
-    if args.epochs < 1:
-        raise ValueError(f'--epochs {args.epochs}: must be >= 1')
-    if args.batch_size < 1:
-        raise ValueError(f'--batch-size {args.batch_size}: must be >= 1')
-    device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    random_seed(args.seed)
+def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> Dict[str, Any]:
+    t_start, cpu_start = time.perf_counter(), cpu_seconds()
+    _check_config(c)
+    device = resolve_device(c.device)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    resumed = read_train_checkpoint(c.resume) if c.resume else None
 
-    train_ds, val_ds, num_classes, in_chans, mean, std, data_name, classes = _datasets(args)
-    train_ds = _subset(train_ds, args.train_subset, args.seed)
-    val_ds = _subset(val_ds, args.val_subset, args.seed + 1)
+    train_ds, val_ds, in_chans, mean, std, data_name, classes = _datasets(c, _requested(c, 'in_chans'))
+    train_ds = _subset(train_ds, c.train_subset, c.seed)
+    val_ds = _subset(val_ds, c.val_subset, c.seed + 1)
+    model_args = _model_args(c, len(classes), in_chans)
 
-    model_args = dict(DDW_DEFAULTS, wiring=args.wiring, router_bias=args.router_bias,
-                      threshold_init=args.threshold_init, gate=args.gate)
-    model = timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans, **model_args)
-    if not graph_stages(model):
-        raise ValueError(f'--model {args.model}: not a DDW model (choose one of {timm.list_models("ddw_*")})')
-    if args.grad_checkpointing:
+    random_seed(c.seed)
+    model = create_ddw_model(c.model, pretrained=c.pretrained, **model_args)
+    if c.initial_checkpoint:
+        load_weights(model, c.initial_checkpoint, use_ema=True)
+    if c.grad_checkpointing:
         model.set_grad_checkpointing()
     model.to(device)
+    if c.channels_last:
+        model.to(memory_format=torch.channels_last)
 
-    data_config = resolve_data_config(dict(input_size=(in_chans, args.img_size, args.img_size), crop_pct=1.0,
+    data_config = resolve_data_config(dict(input_size=(in_chans, c.img_size, c.img_size), crop_pct=1.0,
                                            interpolation='bilinear', **(dict(mean=mean, std=std) if mean else {})),
                                       model=model)
     common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
-                  interpolation=data_config['interpolation'], num_workers=args.workers, device=device,
+                  interpolation=data_config['interpolation'], num_workers=c.workers, device=device,
                   use_prefetcher=True, pin_memory=device.type == 'cuda')
     # mild augmentation: small images, few epochs
-    loader_train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, scale=(0.7, 1.0),
+    loader_train = create_loader(train_ds, batch_size=c.batch_size, is_training=True, scale=(0.7, 1.0),
                                  ratio=(0.85, 1.18), hflip=0.5, color_jitter=None, **common)
-    loader_val = create_loader(val_ds, batch_size=args.batch_size * 2, is_training=False,
+    loader_val = create_loader(val_ds, batch_size=c.batch_size * 2, is_training=False,
                                crop_pct=data_config['crop_pct'], **common)
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    try:
+        optimizer = create_optimizer_v2(model, opt=c.opt, lr=c.lr, weight_decay=c.weight_decay, momentum=c.momentum)
+    except (ValueError, AssertionError) as e:
+        raise ValueError(f'opt={c.opt!r}: {e}') from None
     steps_per_epoch = len(loader_train)
-    if args.max_steps:
-        steps_per_epoch = min(steps_per_epoch, math.ceil(args.max_steps / args.epochs))
+    if c.max_steps:
+        steps_per_epoch = min(steps_per_epoch, math.ceil(c.max_steps / c.epochs))
     if steps_per_epoch < 1:
-        raise ValueError(f'--batch-size {args.batch_size} is larger than the training set ({len(train_ds)} images)')
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = min(args.warmup_steps, total_steps // 2)
-    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=args.epochs, warmup_lr=args.lr * 0.01,
-                                       warmup_epochs=0, min_lr=args.lr * 0.01, step_on_epochs=False,
+        raise ValueError(f'batch_size={c.batch_size} is larger than the training set ({len(train_ds)} images)')
+    total_steps = steps_per_epoch * c.epochs
+    warmup_steps = min(c.warmup_steps, total_steps // 2)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=c.sched, num_epochs=c.epochs, warmup_lr=c.lr * 0.01,
+                                       warmup_epochs=0, min_lr=c.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=steps_per_epoch)
-    loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
-    loss_fn = loss_fn.to(device)
+    loss_fn = (LabelSmoothingCrossEntropy(c.smoothing) if c.smoothing > 0 else nn.CrossEntropyLoss()).to(device)
+    model_ema = ModelEmaV3(model, decay=c.model_ema_decay, use_warmup=c.model_ema_warmup) if c.model_ema else None
 
-    use_amp = args.amp
-    amp_dtype = torch.bfloat16 if (args.amp_dtype == 'bfloat16' or device.type != 'cuda') else torch.float16
-    if use_amp:
-        def autocast():
-            return torch.autocast(device_type=device.type, dtype=amp_dtype)
-    else:
-        autocast = nullcontext
-    scaler = torch.amp.GradScaler(device.type) if use_amp and amp_dtype == torch.float16 else None
-
-    out_dir = Path(args.output) if args.output else Path('output') / (
-        f'{datetime.now().strftime("%Y%m%d-%H%M%S")}-{args.model}-{data_name}')
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = {k: v for k, v in vars(args).items() if k != 'func'}
-    print(f'timm-ddw train: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
-          f'{data_name}: {len(train_ds)} train / {len(val_ds)} val images at {args.img_size}px, '
-          f'{args.epochs} epochs x {steps_per_epoch} steps, batch {args.batch_size}, device {device}, '
-          f'{torch.get_num_threads()} threads -> {out_dir}', flush=True)
+    amp_dtype = torch.bfloat16 if (c.amp_dtype == 'bfloat16' or device.type != 'cuda') else torch.float16
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if c.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if c.amp and amp_dtype == torch.float16 else None
 
     history: List[Dict[str, Any]] = []
-    step = 0
+    start_epoch = 0
+    if resumed is not None:
+        start_epoch, history = _resume(c.resume, resumed, model, model_ema, optimizer, loss_scaler, scheduler)
+        if start_epoch > c.epochs:
+            raise ValueError(f'{c.resume} holds {start_epoch} finished epochs, more than epochs={c.epochs}')
+
+    out, note = _output_dir(c, c.model, data_name)
+    recipe = dataclasses.asdict(c)
+    checkpoint_state = _CheckpointState(model, model_ema, scheduler, history, model_args)
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**recipe), amp_scaler=loss_scaler,
+                            checkpoint_dir=str(out), recovery_dir=str(out), decreasing=False, max_history=1,
+                            task=checkpoint_state)
+    if resumed is not None and Path(c.resume).parent.resolve() == out.resolve():
+        saver.load_state_dict_from_checkpoint(c.resume)  # keeps model_best/checkpoint-N tracking
+    checkpoint = Path(c.resume) if c.resume else None
+    saved_epochs = start_epoch
+
+    print(f'timm-ddw train: {c.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on '
+          f'{data_name}: {len(train_ds)} train / {len(val_ds)} val images at {c.img_size}px, '
+          f'{c.epochs} epochs x {steps_per_epoch} steps, batch {c.batch_size}, device {device}, '
+          f'{torch.get_num_threads()} threads -> {out}{note}', flush=True)
+    if resumed is not None:
+        print(f'resuming from {c.resume} after epoch {start_epoch}/{c.epochs}{_changes(c, resumed)}', flush=True)
+    if c.smoke_test:
+        print(f'quick run: a smoke test of the pipeline ({total_steps} steps on {len(train_ds)} images), not of '
+              'the model: its accuracy and routing say little; drop --quick for the real job', flush=True)
+
     final_eval: Dict[str, Any] = {}
-    for epoch in range(args.epochs):
-        model.train()
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not args.progress,
-                   dynamic_ncols=True)
-        for i, (x, y) in enumerate(loader_train):
-            if i >= steps_per_epoch:
-                break
-            if step < warmup_steps:  # linear warmup over steps, then timm's cosine schedule
-                for g in optimizer.param_groups:
-                    g['lr'] = args.lr * (step + 1) / warmup_steps
-            with autocast():
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            step += 1
-            if step >= warmup_steps:
-                scheduler.step_update(num_updates=step)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f'training loss is {loss.item()} at step {step}; lower --lr')
-            loss_sum += loss.item() * y.shape[0]
-            seen += y.shape[0]
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
-                            img_s=f'{seen / (time.perf_counter() - t0):.0f}')
-        bar.close()
-        train_time, train_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-        last = epoch == args.epochs - 1
-        ev = evaluate(model, loader_val, device, autocast, routing=last, progress=args.progress,
-                      class_names=classes)
-        if last:
-            final_eval = ev
-        record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_img_per_s=seen / train_time,
-                      train_time_s=train_time, train_cpu_s=train_cpu, steps=step,
-                      lr=optimizer.param_groups[0]['lr'], val_top1=ev['top1'], val_top5=ev['top5'],
-                      val_loss=ev['loss'], val_img_per_s=ev['img_per_s'])
-        history.append(record)
-        print(f'epoch {epoch + 1}/{args.epochs}: train loss {record["train_loss"]:.4f} '
-              f'({record["train_img_per_s"]:.0f} img/s, {train_time:.0f}s) | val top-1 {ev["top1"]:.2f}% '
-              f'top-5 {ev["top5"]:.2f}% loss {ev["loss"]:.4f} ({ev["img_per_s"]:.0f} img/s)', flush=True)
+    step = start_epoch * steps_per_epoch
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, c.epochs):
+            random_seed(c.seed + epoch)  # the epoch's data order and augmentation, also after a resume
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
+            step, loss_sum, seen = _train_one_epoch(
+                c, model, loader_train, steps_per_epoch, step, optimizer, scheduler, warmup_steps, loss_fn, model_ema,
+                loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress)
+            train_time, train_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+            last = epoch == c.epochs - 1
+            ev = evaluate(model, loader_val, device, autocast, routing=last and model_ema is None, progress=progress,
+                          class_names=classes, channels_last=c.channels_last, should_stop=should_stop)
+            record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_img_per_s=seen / train_time,
+                          train_time_s=train_time, train_cpu_s=train_cpu, steps=step,
+                          lr=optimizer.param_groups[0]['lr'], val_top1=ev['top1'], val_top5=ev['top5'],
+                          val_loss=ev['loss'], val_img_per_s=ev['img_per_s'])
+            ema_note = ''
+            if model_ema is not None:
+                ev = evaluate(model_ema.module, loader_val, device, autocast, routing=last, progress=progress,
+                              desc='val ema', class_names=classes, channels_last=c.channels_last,
+                              should_stop=should_stop)
+                record.update(val_top1_ema=ev['top1'], val_top5_ema=ev['top5'], val_loss_ema=ev['loss'])
+                ema_note = f' | EMA top-1 {ev["top1"]:.2f}%'
+            if last:
+                final_eval = ev
+            history.append(record)
+            saver.save_checkpoint(epoch, metric=ev['top1'])
+            checkpoint, saved_epochs = out / CHECKPOINT, epoch + 1
+            print(f'epoch {epoch + 1}/{c.epochs}: train loss {record["train_loss"]:.4f} '
+                  f'({record["train_img_per_s"]:.0f} img/s, {train_time:.0f}s) | val top-1 {record["val_top1"]:.2f}% '
+                  f'top-5 {record["val_top5"]:.2f}% loss {record["val_loss"]:.4f} ({record["val_img_per_s"]:.0f} '
+                  f'img/s){ema_note}', flush=True)
+        if not final_eval:  # resumed after the last epoch: only the report is left to write
+            final_eval = evaluate(model_ema.module if model_ema is not None else model, loader_val, device,
+                                  autocast, routing=True, progress=progress, class_names=classes,
+                                  channels_last=c.channels_last, should_stop=should_stop)
+    except _Stop:
+        remove_if_empty(out)
+        raise TrainingInterrupted(epoch + 1, c.epochs, checkpoint, out, saved_epochs) from None
+    except BaseException:
+        remove_if_empty(out)
+        raise
 
     routing = final_eval.pop('routing')
-    total_time = time.perf_counter() - t_start
     metrics = dict(
-        model=args.model, model_args=model_args, dataset=data_name, classes=classes, num_classes=num_classes,
-        in_chans=in_chans, img_size=args.img_size, train_images=len(train_ds), val_images=len(val_ds),
-        epochs=args.epochs, steps=step, batch_size=args.batch_size, device=str(device),
-        threads=torch.get_num_threads(), amp=bool(use_amp), val_top1=final_eval['top1'],
-        val_top5=final_eval['top5'], val_loss=final_eval['loss'], history=history, total_time_s=total_time,
+        model=c.model, model_args=model_args, dataset=data_name, classes=classes, num_classes=model_args['num_classes'],
+        in_chans=in_chans, img_size=c.img_size, train_images=len(train_ds), val_images=len(val_ds),
+        epochs=c.epochs, steps=step, batch_size=c.batch_size, device=str(device), threads=torch.get_num_threads(),
+        amp=c.amp, model_ema=c.model_ema, smoke_test=c.smoke_test, resumed_from=c.resume,
+        val_top1=final_eval['top1'], val_top5=final_eval['top5'], val_loss=final_eval['loss'], history=history,
         versions=dict(torch=torch.__version__, timm=timm.__version__), recipe=recipe)
-    routing.meta.update(model=args.model, dataset=data_name, split='val')
-    routing_files = routing.save(out_dir)  # routing.json/.npz, summary.txt, heatmaps with matplotlib
-    exporter = _export(model.cpu(), out_dir / 'model', {**model_args, 'num_classes': num_classes,
-                                                        'in_chans': in_chans},
-                       {k: metrics[k] for k in ('dataset', 'val_top1', 'val_top5', 'epochs', 'img_size')},
-                       recipe, data_config)
-    metrics['exported_with'] = exporter
+    # the weights first: they are what the run is for, the report is read off them
+    final_model = model_ema.module if model_ema is not None else model
+    metrics['exported_with'] = _export(
+        unwrap_model(final_model).cpu(), out / 'model', model_args,
+        {k: metrics[k] for k in ('dataset', 'val_top1', 'val_top5', 'epochs', 'img_size')}, recipe, data_config)
+    routing.meta.update(model=c.model, dataset=data_name, split='val')
+    routing_files = routing.save(out)  # routing.json/.npz, summary.txt, heatmaps with matplotlib
     del loader_train, loader_val  # joins the loader workers so their CPU time is counted
     metrics['total_time_s'] = time.perf_counter() - t_start
-    metrics['cpu_time_s'] = _cpu_seconds() - cpu_start  # wall time on an idle machine ~ cpu_time_s / cores
-    (out_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
-    print(f'val top-1 {final_eval["top1"]:.2f}% after {args.epochs} epochs, {metrics["total_time_s"]:.0f}s total '
+    metrics['cpu_time_s'] = cpu_seconds() - cpu_start  # wall time on an idle machine ~ cpu_time_s / cores
+    (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+    print(f'val top-1 {final_eval["top1"]:.2f}% after {c.epochs} epochs, {metrics["total_time_s"]:.0f}s total '
           f'({metrics["cpu_time_s"]:.0f} CPU-s).')
     print(routing.text_summary())
-    print(f'report: {out_dir}/ (metrics.json, {", ".join(sorted(p.name for p in routing_files.values()))}, model/)')
+    if c.smoke_test:
+        print('(quick run: a smoke test of the pipeline, not of the model)')
+    print(f'report: {out}/ (metrics.json, {", ".join(sorted(p.name for p in routing_files.values()))}, model/, '
+          f'{CHECKPOINT})')
     return metrics
 
 
-def _run(args: argparse.Namespace) -> int:
-    try:
-        train(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'timm-ddw train: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step: int, optimizer, scheduler,
+                     warmup_steps: int, loss_fn: nn.Module, model_ema: Optional[ModelEmaV3], loss_scaler, autocast,
+                     should_stop: Callable[[], bool], desc: str, progress: bool) -> Tuple[int, float, int]:
+    """``steps`` optimizer steps from update ``step`` on; returns the new step count, the summed loss
+    and the images seen."""
+    model.train()
+    t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+    bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        if should_stop():
+            raise _Stop
+        if step < warmup_steps:  # linear warmup over steps, then timm's schedule
+            for g in optimizer.param_groups:
+                g['lr'] = c.lr * (step + 1) / warmup_steps
+        with autocast():
+            loss = loss_fn(model(_to_input(x, c.channels_last)), y)
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, parameters=model.parameters())
+        else:
+            loss.backward()
+            optimizer.step()
+        step += 1
+        if model_ema is not None:
+            model_ema.update(model, step=step)
+        if step >= warmup_steps and scheduler is not None:
+            scheduler.step_update(num_updates=step)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'training loss is {loss.item()} at step {step}; lower lr')
+        loss_sum += loss.item() * y.shape[0]
+        seen += y.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
+                        img_s=f'{seen / (time.perf_counter() - t0):.0f}')
+    bar.close()
+    return step, loss_sum, seen
 
 
-def register_cli(subparsers) -> None:
-    d = DEFAULTS
-    p = subparsers.add_parser(
-        'train', help='train and evaluate a DDW model on Fashion-MNIST or an image folder',
-        description='Train and evaluate a DDW model with timm\'s library pieces, then write a report folder '
-                    '(metrics.json, routing.json, model/model.safetensors). The defaults take about 10 minutes '
-                    'on 2 CPU cores.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group('data')
-    g.add_argument('--data', default=None, metavar='DIR',
-                   help='image folder with train/ and val/ (or validation/) subfolders; default: Fashion-MNIST')
-    g.add_argument('--val-split', default='validation', help='name of the --data validation split (timm searches '
-                   'val/validation/valid/test for "validation")')
-    g.add_argument('--fashion-mnist-dir', default=str(FASHION_MNIST_DIR), metavar='DIR',
-                   help='folder with the Fashion-MNIST IDX .gz files')
-    g.add_argument('--train-subset', type=int, default=d['train_subset'], metavar='N',
-                   help='train on a fixed random subset of N images (0: all)')
-    g.add_argument('--val-subset', type=int, default=d['val_subset'], metavar='N',
-                   help='evaluate on a fixed random subset of N images (0: all)')
-    g.add_argument('--img-size', type=int, default=d['img_size'], metavar='PX')
-    g.add_argument('--in-chans', type=int, default=None, help='input channels (Fashion-MNIST: 1; --data: 3)')
-    g.add_argument('--workers', type=int, default=d['workers'], help='data loader worker processes')
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default=d['model'], help='a ddw_* model')
-    g.add_argument('--wiring', default=DDW_DEFAULTS['wiring'], choices=sorted(WIRINGS))
-    g.add_argument('--router-bias', type=float, default=DDW_DEFAULTS['router_bias'])
-    g.add_argument('--threshold-init', type=float, default=DDW_DEFAULTS['threshold_init'])
-    g.add_argument('--gate', default=DDW_DEFAULTS['gate'], choices=('ste', 'psi'))
-    g.add_argument('--grad-checkpointing', action='store_true')
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=d['epochs'])
-    g.add_argument('--batch-size', '-b', type=int, default=d['batch_size'])
-    g.add_argument('--opt', default='momentum', help="timm optimizer name ('momentum': SGD, as in the paper)")
-    g.add_argument('--lr', type=float, default=d['lr'])
-    g.add_argument('--momentum', type=float, default=d['momentum'])
-    g.add_argument('--weight-decay', type=float, default=d['weight_decay'])
-    g.add_argument('--smoothing', type=float, default=d['smoothing'], help='label smoothing')
-    g.add_argument('--warmup-steps', type=int, default=d['warmup_steps'])
-    g.add_argument('--max-steps', type=int, default=d['max_steps'], metavar='N',
-                   help='at most N optimizer steps in total, spread evenly over the epochs (0: no limit)')
-    g.add_argument('--seed', type=int, default=0)
-    g = p.add_argument_group('run')
-    g.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    g.add_argument('--amp', action='store_true', help='mixed precision (float16 + loss scaling on CUDA, '
-                   'bfloat16 on CPU)')
-    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
-    g.add_argument('--threads', type=int, default=d['threads'],
-                   help='torch CPU threads (0: torch default). One thread by default: the measured budget, and on a '
-                        'busy 2-core machine two threads ran 11x slower per image than one')
-    g.add_argument('--output', default=None, metavar='DIR',
-                   help='report folder (default: ./output/<time>-<model>-<dataset>)')
-    g.add_argument('--quick', action='store_true',
-                   help=f'smoke run: {", ".join(f"{k}={v}" for k, v in QUICK.items())} unless given')
-    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
-    p.set_defaults(func=_run)
+def _resume(path: str, checkpoint: Dict[str, Any], model: nn.Module, model_ema: Optional[ModelEmaV3], optimizer,
+            loss_scaler, scheduler) -> Tuple[int, List[Dict[str, Any]]]:
+    """Restore a ``last.pth.tar`` with timm's ``resume_checkpoint``; returns the next epoch and the history."""
+    from timm.models import clean_state_dict, resume_checkpoint
+
+    for key in ('state_dict', 'optimizer', 'epoch', 'history'):
+        if key not in checkpoint:
+            raise DdwCheckpointError(f'{path} is not a timm-ddw train checkpoint (no {key!r}); start from its weights '
+                                     'with initial_checkpoint (--initial-checkpoint) instead')
+    load_checked(model, clean_state_dict(checkpoint['state_dict']), source=path)  # a clear error on any mismatch
+    start_epoch = resume_checkpoint(model, path, optimizer=optimizer, loss_scaler=loss_scaler, log_info=False)
+    if model_ema is not None:
+        if 'state_dict_ema' not in checkpoint:
+            raise DdwCheckpointError(f'{path} has no EMA weights (state_dict_ema): its run had model_ema off')
+        load_checked(model_ema.module, clean_state_dict(checkpoint['state_dict_ema']), source=f'{path} (EMA)')
+    if scheduler is not None and checkpoint.get('scheduler'):
+        scheduler.load_state_dict(checkpoint['scheduler'])
+    return int(start_epoch), list(checkpoint['history'])
+
+
+def _changes(c: TrainConfig, checkpoint: Dict[str, Any]) -> str:
+    """Recipe fields that differ from the checkpoint's run: the result will differ from it too."""
+    old = vars(checkpoint.get('args') or argparse.Namespace())
+    diff = [f'{k} {old[k]!r} -> {getattr(c, k)!r}' for k in _RESULT_FIELDS if k in old and old[k] != getattr(c, k)]
+    return f'; changed: {", ".join(diff)}' if diff else ''
+

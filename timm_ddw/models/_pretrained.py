@@ -124,12 +124,14 @@ def check_state_dict(
         state_dict: Mapping[str, Any],
         model: nn.Module,
         pretrained_cfg: Optional[Mapping[str, Any]] = None,
+        source: Optional[str] = None,
 ) -> None:
     """Raise :class:`DdwCheckpointError` unless ``state_dict`` fits ``model`` key for key and shape.
 
     Differences timm's ``load_pretrained`` adapts on purpose are allowed: the classifier when the
     model's ``num_classes`` differs from the checkpoint's, the first conv when ``in_chans`` does,
-    and keys a features_only model does not have.
+    and keys a features_only model does not have. ``source`` names the state dict in the error
+    (default: the weight source in ``pretrained_cfg``).
     """
     cfg = pretrained_cfg if pretrained_cfg is not None else (getattr(model, 'pretrained_cfg', None) or {})
     own = model.state_dict()
@@ -166,7 +168,7 @@ def check_state_dict(
         hint = (f'\nThe checkpoint looks like a model with {_guess_wiring(list(state_dict))}; '
                 'create the model with the wiring it was trained with (a published config.json carries it).')
     raise DdwCheckpointError(
-        f'Checkpoint from {_source(cfg)} does not fit {_describe(model)}; nothing was loaded.'
+        f'{source or "Checkpoint from " + _source(cfg)} does not fit {_describe(model)}; nothing was loaded.'
         + listing('missing keys', missing) + listing('unexpected keys', unexpected)
         + listing('shape mismatches', mismatched) + hint)
 
@@ -206,12 +208,16 @@ def _fix_num_classes(state_dict: Mapping[str, Any], cfg: Dict[str, Any]) -> None
         cfg['num_classes'] = rows
 
 
-def load_checked(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
-    """Load a DDW state dict strictly, with :func:`check_state_dict`'s error on any mismatch."""
+def load_checked(model: nn.Module, state_dict: Mapping[str, Any], source: Optional[str] = None) -> None:
+    """Load a DDW state dict strictly, with :func:`check_state_dict`'s error on any mismatch.
+
+    ``source`` (e.g. the file read) names the weights in the error; the model's pretrained_cfg
+    describes its default weights, not these.
+    """
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     cfg.pop('num_classes', None)  # no adaptation here: the classifier must match
     cfg.pop('input_size', None)
-    check_state_dict(state_dict, model, cfg)
+    check_state_dict(state_dict, model, cfg, source=f'Checkpoint {source}' if source else 'The given state dict')
     model.load_state_dict(state_dict, strict=True)
 
 
