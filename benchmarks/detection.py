@@ -11,14 +11,15 @@ Paired design: for each seed, both variants start from the same weights for ever
 (the chain detector's initial state dict is loaded into the DDW one; only routers and thresholds
 are extra) and see the same images in the same order, so the per-seed difference measures wiring.
 
-CPU default (about 50 min on 2 shared cores with ``--jobs 2``; see the results file for the
-measured time): the narrow ResNet-18 of ``benchmarks/ablation.py`` (stem 16, widths 16/32/64/128,
-3 blocks per stage, so each stage is a 4-node graph), grey 128x128 canvases, FPN 64 channels, a
-256-wide box head, 4,800 training images seen once (600 steps of batch 8), SGD lr 0.02 with a
+CPU default (10 runs, 2 at a time: 40-55 min on 2 cores shared with other work, from a trial at
+1.05-1.4 s per step; see the results file for the measured time): the narrow ResNet-18 of
+``benchmarks/ablation.py`` (stem 16, widths 16/32/64/128, 3 blocks per stage, so each stage is a
+4-node graph), grey 128x128 canvases, FPN 64 channels, a 256-wide box head, 64 RoIs and 128
+anchors sampled per image, 3,200 training images seen once (400 steps of batch 8), SGD lr 0.02 with a
 linear warm-up and the 1x schedule's shape (x0.1 at 2/3 and 8/9 of the steps), seeds 0-4; AP on
 500 test images. Trained from scratch with live batch norm: there are no Fashion-MNIST-pretrained
 backbones, and frozen BN of a random init would pin timm's zero-initialised last BN of each block
-at 0. ``--full`` is the GPU protocol (wider backbone, torchvision's default heads, 20,000 images x 6
+at 0. ``--full`` is the GPU protocol (wider backbone, torchvision's default head width and sampling, 20,000 images x 6
 epochs, batch 16); it has not been run.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 PROTOCOLS: Dict[str, Dict[str, Any]] = {
     'cpu': dict(stem_width=16, channels=[16, 32, 64, 128], layers=[3, 3, 3, 3], fpn_channels=64, box_head=256,
-                box_batch=64, rpn_batch=128, train_images=4800, epochs=1, batch_size=8, lr=0.02,
+                box_batch=64, rpn_batch=128, train_images=3200, epochs=1, batch_size=8, lr=0.02,
                 warmup_steps=50, test_images=500, seeds=[0, 1, 2, 3, 4], device='cpu', jobs=2, threads=1),
     'full': dict(stem_width=64, channels=[64, 128, 256, 512], layers=[3, 3, 3, 3], fpn_channels=256, box_head=1024,
                  box_batch=512, rpn_batch=256, train_images=20000, epochs=6, batch_size=16, lr=0.02,
@@ -228,8 +229,8 @@ def paired_difference(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, Any
     return dict(seeds=seeds, diffs=d, mean=m, std=s, lo=m - half, hi=m + half)
 
 
-def _fmt(v: Optional[float]) -> str:
-    return '-' if v is None or not math.isfinite(v) else f'{v:.2f}'
+def _fmt(v: Optional[float], sign: str = '') -> str:
+    return '-' if v is None or not math.isfinite(v) else f'{v:{sign}.2f}'
 
 
 def paper_rows(paper: Dict[str, Any]) -> List[str]:
@@ -305,8 +306,8 @@ def write_report(out_dir: Path, paper: Dict[str, Any], command: str, trial: bool
         diff = ds['AP']
         ap_c = mean_std([by['chain'][s]['coco']['AP'] for s in diff['seeds']])[0]
         ap_d = mean_std([by['dynamic'][s]['coco']['AP'] for s in diff['seeds']])[0]
-        cell = {m: f"{_fmt(d['mean'])} [{_fmt(d['lo'])}, {_fmt(d['hi'])}]" for m, d in ds.items()}
-        lines.append(f"| {recs[0]['model']} narrow (Fashion-MNIST, {len(diff['seeds'])} seeds) | {ap_c:.2f} | "
+        cell = {m: f"{_fmt(d['mean'], '+')} [{_fmt(d['lo'], '+')}, {_fmt(d['hi'], '+')}]" for m, d in ds.items()}
+        lines.append(f"| {recs[0]['model']} narrow (Fashion-MNIST, {len(diff['seeds'])} seed(s)) | {ap_c:.2f} | "
                      f"{ap_d:.2f} | {cell['AP']} | {cell['AP50']} | {cell['AP75']} | {cell['APs']} | {cell['APm']} |")
     lines += paper_rows(paper) + ['']
     lines += ['## Reading', ''] + reading(by, diff, paper) + ['']
