@@ -9,6 +9,7 @@ import timm
 import torch
 import torchvision
 from PIL import Image
+from test_pretrained import randomise_  # random BN statistics: timm zero-inits each block's last BN
 from timm.layers import freeze_batch_norm_2d
 from timm.layers.norm_act import FrozenBatchNormAct2d
 from torchvision.models.detection import FasterRCNN
@@ -21,6 +22,7 @@ from timm_ddw.detection import (
     backbone_inputs,
     collect_detector_routing,
     create_detector,
+    create_fpn_backbone,
     detection_collate,
     evaluate_coco,
 )
@@ -47,19 +49,6 @@ def _batch():
     targets = [dict(boxes=torch.tensor([[4., 6., 30., 40.], [34., 10., 60., 28.]]), labels=torch.tensor([1, 2])),
                dict(boxes=torch.tensor([[10., 12., 50., 60.]]), labels=torch.tensor([3]))]
     return images, targets
-
-
-def _randomise_bn_(model: torch.nn.Module) -> torch.nn.Module:
-    """timm zero-inits the last BN of each residual block; random BNs make every block count."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
-                m.weight.uniform_(0.5, 1.2, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model
 
 
 @pytest.mark.parametrize('name', list(FIRST_TWO_STAGES))
@@ -139,7 +128,7 @@ def test_trainable_stages_defaults_follow_torchvision():
 def test_chain_wiring_gives_the_twins_features():
     torch.manual_seed(0)
     twin = create_detector('resnet18', 4, **SMALL)
-    _randomise_bn_(twin.backbone.body)
+    randomise_(twin.backbone.body)
     chain = create_detector('ddw_resnet18', 4, wiring='chain', **SMALL)
     chain.load_state_dict(twin.state_dict())  # strict: the chain wiring adds no parameters
     assert not timm_ddw.graph_stages(twin)
@@ -162,7 +151,7 @@ def test_chain_wiring_gives_the_twins_features():
 
 def test_pretrained_backbone_loads_the_chaininit_tag(tmp_path):
     import safetensors.torch
-    twin = _randomise_bn_(timm.create_model('resnet18'))
+    twin = randomise_(timm.create_model('resnet18'))
     path = tmp_path / 'resnet18.safetensors'
     safetensors.torch.save_file(twin.state_dict(), path)
     overlay = dict(pretrained_cfg_overlay=dict(file=str(path)))
@@ -186,6 +175,8 @@ def test_bad_input_fails_with_one_line():
         create_detector('ddw_resnet19', 4)
     with pytest.raises(ValueError, match=r"\['wiring'\] apply to ddw_\* models only"):
         create_detector('resnet18', 4, wiring='chain')
+    # a pretrained tag in the name keeps it a DDW model
+    assert create_fpn_backbone('ddw_resnet18.a1_in1k_chaininit', wiring='static', fpn_channels=8).body.layer1.tau.numel()
     with pytest.raises(ValueError, match='no feature maps at strides'):
         create_detector('vit_tiny_patch16_224', 4)
     with pytest.raises(ValueError, match='trainable_stages=6'):

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
+from timm.models import split_model_name_tag
 from timm.utils.model import freeze
 from torchvision.models.detection import FasterRCNN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
@@ -132,7 +133,7 @@ def create_fpn_backbone(
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise ValueError(f'unknown model {model_name!r}: not a timm model (DDW models: {", ".join(sorted(TWINS))})')
     ddw_args = sorted(k for k in model_kwargs if k in DDW_DEFAULTS)
-    if ddw_args and model_name not in TWINS:
+    if ddw_args and split_model_name_tag(model_name)[0] not in TWINS:
         raise ValueError(f'{ddw_args} apply to ddw_* models only; {model_name} is a static timm model')
     if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
         raise ValueError(f'fpn_channels={fpn_channels!r} must be a positive int')
