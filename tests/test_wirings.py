@@ -103,6 +103,19 @@ def test_seed_determines_the_graph(kind):
                 assert graphs[a] != graphs[b], (kind, n, a, b)
 
 
+@pytest.mark.parametrize('kind', ['ws', 'er'])
+def test_equal_sized_stages_draw_their_own_graphs(kind):
+    """RandWire draws each stage's graph separately; one shared seed gave every 13-node stage one graph."""
+    args = dict(wiring=kind, layers=(12, 12, 12, 12), channels=(8, 8, 8, 8), stem_width=8, device='meta')
+    graphs = [s.preds for s in timm_ddw.graph_stages(timm.create_model('ddw_resnet18', **args)).values()]
+    assert all(len(g) == 13 for g in graphs)
+    assert len({json.dumps(g) for g in graphs}) == 4
+    again = [s.preds for s in timm_ddw.graph_stages(timm.create_model('ddw_resnet18', **args)).values()]
+    assert again == graphs  # reproducible from wiring_seed
+    other = timm.create_model('ddw_resnet18', **dict(args, wiring_seed=1))
+    assert [s.preds for s in timm_ddw.graph_stages(other).values()] != graphs
+
+
 def test_bad_node_count():
     with pytest.raises(ValueError, match='num_nodes'):
         timm_ddw.WIRINGS['er'].graph(1, 0)

@@ -49,6 +49,12 @@ def chain_graph(num_nodes: int, seed: int = 0) -> Graph:
     return [[j - 1] if j else [] for j in range(num_nodes)]
 
 
+def stage_seed(wiring_seed: int, stage_index: int) -> int:
+    """The seed of one stage's random graph: every stage draws its own (as RandWire does), so
+    stages of equal size get different graphs, all reproducible from ``wiring_seed``."""
+    return wiring_seed * 1000 + stage_index
+
+
 WIRINGS: Dict[str, Wiring] = {}
 
 
@@ -164,6 +170,7 @@ class GraphStage(nn.Module):
             wiring_seed: int = 0,
             aggregation: str = 'bounded',
             channels: Optional[int] = None,
+            stage_index: int = 0,
     ):
         super().__init__()
         _check_args(wiring, router_bias, threshold_init, gate, wiring_seed, aggregation)
@@ -189,7 +196,7 @@ class GraphStage(nn.Module):
         self.sum_block_size = 6
         self._captures: List[List[torch.Tensor]] = []  # one list per active capture_routing block
 
-        preds = [list(p) for p in spec.graph(n + 1, wiring_seed)]
+        preds = [list(p) for p in spec.graph(n + 1, stage_seed(wiring_seed, stage_index))]
         self._check_graph(preds, n)
         self.preds: List[List[int]] = preds
         succs: List[List[int]] = [[j for j in range(n + 1) if i in preds[j]] for i in range(n + 1)]

@@ -20,8 +20,9 @@ always ends at n. Step 2 never removes a predecessor, so both properties hold to
 
 Small stages: M and K are capped to what the node count allows (BA needs ``M < nodes``, WS needs
 ``K < nodes``), and a stage of one block (2 nodes) has a single possible DAG, ``0 -> 1``.
-The graph depends only on the node count and ``wiring_seed``, so stages with equal node counts
-share one graph, and ``model_args`` (which hold ``wiring_seed``) rebuild the same graphs.
+Each stage draws its own graph from ``graph.stage_seed(wiring_seed, stage_index)``, so stages with
+equal node counts get different graphs (as in RandWire), and ``model_args`` (which hold
+``wiring_seed``) rebuild the same graphs.
 networkx is imported only when a random graph is built (extra ``timm-ddw[graphs]``).
 """
 from __future__ import annotations

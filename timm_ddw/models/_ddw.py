@@ -108,12 +108,12 @@ class DdwMixin(NodeCheckpointing):
 
 def wire_stages(model: nn.Module, names: List[str], **ddw_args: Any) -> nn.Module:
     """Replace each named stage that ``model`` has by a graph stage holding the same blocks."""
-    for name in names:
+    for index, name in enumerate(names):
         parent_name, _, attr = name.rpartition('.')
         parent = model.get_submodule(parent_name)
         if attr not in parent._modules:
             continue  # cut off by a feature extractor's out_indices
-        stage = GraphStage(parent._modules[attr], **ddw_args)
+        stage = GraphStage(parent._modules[attr], stage_index=index, **ddw_args)
         if isinstance(parent, nn.Sequential):
             parent[int(attr)] = stage
         else:
