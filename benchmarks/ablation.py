@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from timm_ddw.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import environment, recorded_command, run_pending, write_json  # noqa: E402
 
 DATA_DIR = str(FASHION_MNIST_DIR)
 MEAN, STD = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
@@ -116,18 +116,23 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: s
 
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]:
     """Train one (variant, seed) and return its record."""
+    return dict(variant=variant, **train_run(args, model_kwargs(args, variant, seed), seed)[0])
+
+
+def train_run(args: argparse.Namespace, kw: Dict[str, Any], seed: int) -> Tuple[Dict[str, Any], torch.nn.Module]:
+    """Train ``args.model`` built with ``kw`` on the Fashion-MNIST budget of ``args``; the record and the model."""
     import timm
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     import timm_ddw  # noqa: F401  (registers the models and wirings)
+    from timm_ddw import DDW_DEFAULTS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(seed)
     device = args.device
     xtr, ytr = load_split(args.data_dir, 'train', args.train_size, args.img_size)
     xte, yte = load_split(args.data_dir, 'test', args.test_size, args.img_size)
-    kw = model_kwargs(args, variant, seed)
     model = timm.create_model(args.model, **kw)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, args.img_size)
@@ -144,6 +149,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]
     curve: List[Dict[str, float]] = []
     train_time = 0.0
     t_all = time.perf_counter()
+    tag = f"[{kw.get('wiring')} {'x'.join(map(str, kw.get('layers', ())))} seed {seed}]"
     for epoch in range(args.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -168,32 +174,29 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]
         top1 = evaluate(model, xte[:n_eval], yte[:n_eval], device)
         train_loss = loss_sum / max(seen, 1)
         if not math.isfinite(train_loss):
-            print(f'[{variant} seed {seed}] non-finite loss at epoch {epoch}', file=sys.stderr)
+            print(f'{tag} non-finite loss at epoch {epoch}', file=sys.stderr)
         curve.append(dict(epoch=epoch + 1, train_loss=train_loss, test_top1=top1, test_images=n_eval,
                           train_time_s=train_time))
-        print(f'[{variant} seed {seed}] epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} '
-              f'top1 {top1:.2f} ({train_time:.0f}s)', flush=True)
-    return dict(
-        variant=variant, wiring=kw['wiring'], router_bias=kw['router_bias'], seed=seed, model=args.model,
-        model_args={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-        params=params, macs=macs, top1=curve[-1]['test_top1'], train_time_s=train_time,
+        print(f'{tag} epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} top1 {top1:.2f} ({train_time:.0f}s)',
+              flush=True)
+    ddw = {k: kw.get(k, v) for k, v in DDW_DEFAULTS.items()}
+    record = dict(
+        wiring=ddw['wiring'], router_bias=ddw['router_bias'], aggregation=ddw['aggregation'], seed=seed,
+        model=args.model, model_args={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        layers=list(kw.get('layers', [])), channels=list(kw.get('channels', [])), train_images=len(xtr),
+        epochs=args.epochs, params=params, macs=macs, top1=curve[-1]['test_top1'], train_time_s=train_time,
         total_time_s=time.perf_counter() - t_all, curve=curve, graphs=graphs,
         budget=dict(train_size=len(xtr), test_size=len(xte), epochs=args.epochs, steps_per_epoch=steps,
                     batch_size=args.batch_size, img_size=args.img_size, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs),
-        env=dict(device=device, threads=args.threads, jobs=args.jobs, torch=torch.__version__,
-                 timm=timm.__version__, python=platform.python_version(), host_cpus=os.cpu_count()),
+        env=environment(device, args.threads, args.jobs),
         finished=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
     )
+    return record, model
 
 
 def _worker(args: argparse.Namespace, variant: str, seed: int) -> str:
-    rec = run_one(args, variant, seed)
-    path = Path(args.out_dir) / f'{variant}_seed{seed}.json'
-    tmp = path.with_suffix('.tmp')
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)
-    return str(path)
+    return str(write_json(Path(args.out_dir) / f'{variant}_seed{seed}.json', run_one(args, variant, seed)))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -243,6 +246,14 @@ def _fixed_args(rec: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in rec['model_args'].items() if k not in ('wiring', 'router_bias', 'wiring_seed')}
 
 
+def _added_in(path: Path) -> str:
+    """The commit that first added ``path`` (which graph stage made its runs)."""
+    import subprocess
+    res = subprocess.run(['git', 'log', '--diff-filter=A', '--format=%h', '--', str(path)], cwd=path.parent,
+                         capture_output=True, text=True, check=False)
+    return (res.stdout.split() or ['unknown'])[-1]
+
+
 def write_report(out_dir: Path, paper: Dict[str, Any], command: str) -> Tuple[Path, Optional[Path]]:
     recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob('*.json'))]
     by: Dict[str, List[Dict[str, Any]]] = {}
@@ -261,9 +272,13 @@ def write_report(out_dir: Path, paper: Dict[str, Any], command: str) -> Tuple[Pa
         'dense': '-', 'dynamic_bias0': 'worse than +3 (R-50, no number)',
         'dynamic_bias-3': 'worse than +3 (R-50, no number)',
     }
-    lines = ['# Ablations: does dynamic wiring help? (Fashion-MNIST)', '',
-             'Generated by `benchmarks/ablation.py`; every run\'s JSON (curves, graphs, budget, environment) is in',
-             f'[`{out_dir.name}/`]({out_dir.name}/). Command:', '', '```', command, '```', '']
+    lines = ['# Ablations: does dynamic wiring help? (Fashion-MNIST)', '']
+    if any('aggregation' not in r for r in recs):
+        lines += ["**Made with Eq. 3's literal sum** (`aggregation='sum'` today; the runs predate the switch and "
+                  f"its `bounded` default, commit {_added_in(out_dir)}), on 3-block stages. They are not results of "
+                  'the current default; see [depth.md](depth.md) for the ablation with it.', '']
+    lines += ['Generated by `benchmarks/ablation.py`; every run\'s JSON (curves, graphs, budget, environment) is in',
+              f'[`{out_dir.name}/`]({out_dir.name}/). Command:', '', '```', command, '```', '']
     if recs:
         r0 = recs[0]
         b = r0['budget']
@@ -446,26 +461,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = ' '.join(['python benchmarks/ablation.py'] + list(sys.argv[1:] if argv is None else argv))
-    md_old = out_dir.parent / f'{out_dir.name}.md'
-    if args.report_only and md_old.exists() and '```' in md_old.read_text():
-        command = md_old.read_text().split('```')[1].strip()  # keep the command that made the runs
+    command = recorded_command(out_dir.parent / f'{out_dir.name}.md', command, args.report_only)
     paper = json.loads(Path(args.paper).read_text())
     if not args.report_only:
-        todo = [(v, s) for s in args.seeds for v in args.variants
-                if not (out_dir / f'{v}_seed{s}.json').exists()]
-        print(f'{len(todo)} runs to do ({len(args.variants) * len(args.seeds) - len(todo)} already in {out_dir})',
-              flush=True)
-        if args.jobs == 1:
-            for v, s in todo:
-                print('wrote', _worker(args, v, s), flush=True)
-                write_report(out_dir, paper, command)
-        else:
-            import multiprocessing as mp
-            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context('spawn')) as ex:
-                futs = [ex.submit(_worker, args, v, s) for v, s in todo]
-                for f in as_completed(futs):
-                    print('wrote', f.result(), flush=True)
-                    write_report(out_dir, paper, command)
+        run_pending([(v, s) for s in args.seeds for v in args.variants],
+                    lambda r: (out_dir / f'{r[0]}_seed{r[1]}.json').exists(), _worker, args, args.jobs,
+                    lambda: write_report(out_dir, paper, command))
     md, png = write_report(out_dir, paper, command)
     print('wrote', md, png or '(no PNG)')
     return 0

@@ -27,16 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import environment, recorded_command, run_pending, write_json  # noqa: E402
 
 VARIANTS = {'chain': 'chain', 'dynamic': 'dynamic', 'static': 'static'}  # name -> wiring
 ROUTING_KEYS = ('router_weight', 'router_bias', 'tau')
@@ -128,7 +128,6 @@ def routing_summary(det: torch.nn.Module, dataset: Any, device: str) -> Optional
 
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]:
     """Train one (variant, seed) and return its record."""
-    import timm
 
     from timm_ddw.detection import FashionMnistDetection, detection_collate, evaluate_coco
 
@@ -193,33 +192,13 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]
                     steps=total, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     warmup_steps=args.warmup_steps, fpn_channels=args.fpn_channels, box_head=args.box_head,
                     box_batch=args.box_batch, rpn_batch=args.rpn_batch),
-        env=dict(device=device, threads=args.threads, jobs=args.jobs, torch=torch.__version__,
-                 timm=timm.__version__, python=platform.python_version(), host_cpus=os.cpu_count(),
-                 commit=source_commit()),
+        env=environment(device, args.threads, args.jobs),
         finished=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
     )
 
 
-def source_commit() -> Optional[str]:
-    """The checkout's commit (with '+changes' when the tree differs): which graph stage made the numbers."""
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ('+changes' if dirty.stdout.strip() else '')
-
-
 def _worker(args: argparse.Namespace, variant: str, seed: int) -> str:
-    rec = run_one(args, variant, seed)
-    path = Path(args.out_dir) / f'{variant}_seed{seed}.json'
-    tmp = path.with_suffix('.tmp')
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)
-    return str(path)
+    return str(write_json(Path(args.out_dir) / f'{variant}_seed{seed}.json', run_one(args, variant, seed)))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -424,25 +403,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = ' '.join(['python benchmarks/detection.py'] + list(sys.argv[1:] if argv is None else argv))
-    md_old = out_dir.parent / f'{out_dir.name}.md'
-    if args.report_only and md_old.exists() and '```' in md_old.read_text():
-        command = md_old.read_text().split('```')[1].strip()  # keep the command that made the runs
+    command = recorded_command(out_dir.parent / f'{out_dir.name}.md', command, args.report_only)
     paper = json.loads(Path(args.paper).read_text())
     if not args.report_only:
-        todo = [(v, s) for s in args.seeds for v in args.variants if not (out_dir / f'{v}_seed{s}.json').exists()]
-        print(f'{len(todo)} runs to do ({len(args.variants) * len(args.seeds) - len(todo)} already in {out_dir})',
-              flush=True)
-        if args.jobs == 1:
-            for v, s in todo:
-                print('wrote', _worker(args, v, s), flush=True)
-                write_report(out_dir, paper, command, args.trial)
-        else:
-            import multiprocessing as mp
-            with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context('spawn')) as ex:
-                futs = [ex.submit(_worker, args, v, s) for v, s in todo]
-                for f in as_completed(futs):
-                    print('wrote', f.result(), flush=True)
-                    write_report(out_dir, paper, command, args.trial)
+        run_pending([(v, s) for s in args.seeds for v in args.variants],
+                    lambda r: (out_dir / f'{r[0]}_seed{r[1]}.json').exists(), _worker, args, args.jobs,
+                    lambda: write_report(out_dir, paper, command, args.trial))
     print('wrote', write_report(out_dir, paper, command, args.trial))
     return 0
 

@@ -1,5 +1,6 @@
 """The benchmark scripts count and compare the right things (fast: meta device, tiny inputs)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,27 @@ def test_speed_reference_loop_matches_library():
                 assert [(m.use_buffer, m.sum_block_size) for m in stages] == settings
     assert graph.weighted_sum is speed.LIBRARY_WEIGHTED_SUM
     assert [(m.use_buffer, m.sum_block_size) for m in stages] == settings
+
+
+@pytest.mark.skipif(not Path('/usr/share/datasets/fashion-mnist').is_dir(), reason='Fashion-MNIST not installed')
+def test_depth_ablation_tiny_run_writes_every_required_key(tmp_path):
+    depth = _load('depth')
+    out = tmp_path / 'depth'
+    argv = ['--variants', 'chain', 'dynamic', '--seeds', '0', '--train-size', '256', '--epochs', '1',
+            '--max-steps', '2', '--test-size', '200', '--curve-test-size', '200', '--jobs', '1', '--out-dir', str(out)]
+    assert depth.main(argv) == 0
+    runs = sorted(p.name for p in out.glob('*.json'))
+    assert runs == [f'{d}_{v}_seed0.json' for d in ('long', 'shallow') for v in ('chain', 'dynamic')]
+    required = {'variant', 'wiring', 'router_bias', 'aggregation', 'layers', 'channels', 'seed', 'train_images',
+                'epochs', 'top1', 'train_time_s', 'curve'}
+    for name in runs:
+        rec = json.loads((out / name).read_text())
+        assert required <= set(rec), required - set(rec)
+        assert rec['layers'] == ([2, 2, 12, 2] if name.startswith('long') else [2, 2, 2, 2])
+        assert rec['aggregation'] == 'bounded' and rec['train_images'] == 256 and rec['curve'][0]['test_images'] == 200
+    assert (out / 'models' / 'long_dynamic_seed0.safetensors').exists()  # kept for the routing analysis
+    md = (tmp_path / 'depth.md').read_text()
+    assert '## long: stages of [2, 2, 12, 2] blocks' in md and 'dynamic vs chain' in md
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob('*.json')}
+    assert depth.main(argv) == 0  # a rerun skips finished runs
+    assert {p: p.stat().st_mtime_ns for p in out.glob('*.json')} == mtimes

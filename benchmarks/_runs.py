@@ -1,0 +1,80 @@
+"""What the benchmark experiments share: one JSON per finished run, written at once, skipped on rerun.
+
+A long experiment is a list of runs; each run's record is written atomically as soon as it
+finishes, so an interrupted experiment resumes where it stopped and results can be committed as
+they arrive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ['environment', 'recorded_command', 'run_pending', 'source_commit', 'write_json']
+
+
+def source_commit() -> Optional[str]:
+    """The checkout's commit (with '+changes' when the tree differs), for the record."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ('+changes' if dirty else '')
+
+
+def environment(device: str, threads: int, jobs: int) -> Dict[str, Any]:
+    import timm
+    return dict(device=device, threads=threads, jobs=jobs, torch=torch.__version__, timm=timm.__version__,
+                python=platform.python_version(), host_cpus=os.cpu_count(), commit=source_commit())
+
+
+def write_json(path: Path, record: Dict[str, Any]) -> Path:
+    """Write ``record`` so that a reader never sees half a file."""
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def recorded_command(md_path: Path, command: str, report_only: bool) -> str:
+    """The command line to print in a report: a report-only rewrite keeps the one that made the runs."""
+    if report_only and md_path.exists() and '```' in md_path.read_text():
+        return md_path.read_text().split('```')[1].strip()
+    return command
+
+
+def run_pending(
+        runs: Sequence[Tuple[Any, ...]],
+        done: Callable[[Tuple[Any, ...]], bool],
+        worker: Callable[..., str],
+        args: Any,
+        jobs: int,
+        after_each: Callable[[], Any],
+) -> None:
+    """Run ``worker(args, *run)`` for every run not ``done`` yet, ``jobs`` at a time (spawned
+    processes), calling ``after_each`` when one finishes (e.g. to rewrite the report)."""
+    todo = [r for r in runs if not done(r)]
+    print(f'{len(todo)} runs to do ({len(runs) - len(todo)} already done)', flush=True)
+    if jobs == 1:
+        for run in todo:
+            print('wrote', worker(args, *run), flush=True)
+            after_each()
+        return
+    import multiprocessing as mp
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context('spawn')) as ex:
+        futures = [ex.submit(worker, args, *run) for run in todo]
+        for f in as_completed(futures):
+            print('wrote', f.result(), flush=True)
+            after_each()
+    sys.stdout.flush()
