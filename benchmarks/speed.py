@@ -110,7 +110,7 @@ class Bench:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def train_step(self) -> None:
+    def train_step(self) -> torch.Tensor:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
@@ -125,14 +125,16 @@ class Bench:
         else:
             loss.backward()
             self.opt.step()
+        return loss.detach()
 
-    def infer_step(self) -> None:
+    def infer_step(self) -> torch.Tensor:
         self.model.eval()
         with torch.inference_mode(), self.autocast():
-            self.fn(self.x)
+            return self.fn(self.x)
 
-    def step(self, mode: str) -> None:
-        self.train_step() if mode == 'train' else self.infer_step()
+    def step(self, mode: str) -> torch.Tensor:
+        """One training step (returns the loss) or inference batch (returns the output)."""
+        return self.train_step() if mode == 'train' else self.infer_step()
 
 
 def _sync(device: torch.device) -> None:

@@ -100,3 +100,20 @@ def test_depth_ablation_tiny_run_writes_every_required_key(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob('*.json')}
     assert depth.main(argv) == 0  # a rerun skips finished runs
     assert {p: p.stat().st_mtime_ns for p in out.glob('*.json')} == mtimes
+
+
+def test_gpu_check_smoke_runs_every_path_on_cpu(tmp_path):
+    """The GPU check must be known to work before a GPU is lent: --smoke runs its code paths on CPU."""
+    gpu_check = _load('gpu_check')
+    out = tmp_path / 'gpu_check.json'
+    assert gpu_check.main(['--smoke', '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    cells = {(c['model'], c['amp'], c['compiled']) for c in res['cells']}
+    assert cells == {(m, a, False) for m in ('ddw_resnet50', 'ddw_efficientnet_b0') for a in ('bfloat16', 'float16')} \
+        | {('ddw_resnet18', 'bfloat16', True)}
+    for c in res['cells']:
+        for mode in ('train', 'infer'):
+            assert c[mode]['finite'] == {'twin': True, 'ddw': True} and c[mode]['ratio'] > 0
+    assert res['all_finite'] and not res['skipped']
+    blocked = res['blocked_sums']
+    assert blocked['blocked_stage'] and blocked['max_abs_difference'] < 0.05 and blocked['speedup'] > 0

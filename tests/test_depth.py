@@ -3,6 +3,7 @@
 Each model is compared with its timm twin holding the same block weights. Slow by nature (every
 model at 224 px, float16 autocast on CPU), so each model is built once per test.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,29 +31,11 @@ def _pair(name, **kwargs):
     return ddw, twin
 
 
-def _rms(t):
-    return t.float().pow(2).mean().sqrt().item()
-
-
-def stage_ratios(ddw, twin, x, train):
-    """Per graph stage: (DDW / twin output RMS with the same image in, the same with the twin's
-    stage input fed to both stages)."""
-    stages = list(timm_ddw.graph_stages(ddw))
-    seen = {}
-    for tag, model in (('ddw', ddw), ('twin', twin)):
-        model.train(train)
-        hooks = [model.get_submodule(s).register_forward_hook(
-            lambda m, i, o, k=(tag, s): seen.__setitem__(k, (i[0], _rms(o)))) for s in stages]
-        with torch.no_grad():
-            model(x)
-        for h in hooks:
-            h.remove()
-    out = {}
-    for s in stages:
-        with torch.no_grad():
-            local = _rms(ddw.get_submodule(s)(seen[('twin', s)][0]))
-        out[s] = (seen[('ddw', s)][1] / seen[('twin', s)][1], local / seen[('twin', s)][1])
-    return out
+def _aggregation_benchmark():
+    spec = importlib.util.spec_from_file_location('bench_aggregation', ROOT / 'benchmarks' / 'aggregation.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -61,10 +44,12 @@ def test_stage_scale_stays_near_the_twin(name):
     """Every stage's output RMS within 3x of the twin's at init, in train and eval mode, at 128
     and 224 px (with Eq. 3's literal sum ddw_resnet101's layer3 reaches 1e4x)."""
     ddw, twin = _pair(name)
+    stage_ratios = _aggregation_benchmark().stage_ratios  # per stage: same image in, and same stage input
     for px in (128, 224):
         x = torch.randn(2, 3, px, px, generator=torch.Generator().manual_seed(px))
         for train in (True, False):
-            for stage, (model_ratio, stage_ratio) in stage_ratios(ddw, twin, x, train).items():
+            for stage, ratio in stage_ratios(ddw, twin, x, train).items():
+                model_ratio, stage_ratio = ratio['model'], ratio['stage']
                 where = f'{name} {stage} {px}px {"train" if train else "eval"}'
                 assert 1 / 3 < stage_ratio < 3, f'{where}: stage fed the same input, RMS ratio {stage_ratio:.3g}'
                 if name == 'ddw_mobilenetv2_100' and not train:

@@ -56,6 +56,8 @@ def stage_seed(wiring_seed: int, stage_index: int) -> int:
 
 
 WIRINGS: Dict[str, Wiring] = {}
+# devices on which forwards without autograd use the blocked sums (timm_ddw.blocked); measured on CPU
+BLOCKED_SUM_DEVICES = {'cpu'}
 
 
 def register_wiring(name: str, edges: str, graph: Callable[[int, int], Graph]) -> Wiring:
@@ -291,10 +293,10 @@ class GraphStage(nn.Module):
     def _use_blocked(self, routed: bool, x: torch.Tensor) -> bool:
         """Blocked sums need the complete graph, eager execution and no autograd; in stages of up to
         2k blocks at most one GEMM would fold anything, and the copies into the buffer cost more.
-        CPU only: they have not been measured on a GPU yet."""
+        Only on ``BLOCKED_SUM_DEVICES`` (CPU): benchmarks/gpu_check.py times them on a GPU."""
         return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not isinstance(x, torch.fx.Proxy) \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and not torch.is_grad_enabled() and x.device.type == 'cpu'
+            and not torch.is_grad_enabled() and x.device.type in BLOCKED_SUM_DEVICES
 
     @torch.jit.unused
     def _forward_blocked(self, x: torch.Tensor, skip: bool) -> torch.Tensor:
