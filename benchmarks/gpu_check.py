@@ -47,7 +47,8 @@ def cells(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def bench_args(args: argparse.Namespace, amp: str, compiled: bool) -> argparse.Namespace:
     return argparse.Namespace(
         batch_size=args.batch_size, img_size=args.img_size, channels_last=args.channels_last, amp_dtype=amp,
-        compile=compiled, compile_backend=args.compile_backend, features_only=False, grad_checkpointing=False)
+        compile=compiled, compile_backend=args.compile_backend, features_only=False, grad_checkpointing=False,
+        aggregation=None)
 
 
 def _finite(t: torch.Tensor) -> bool:
