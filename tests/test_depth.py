@@ -85,16 +85,8 @@ def test_autocast_float16_and_bfloat16_are_finite(name):
     at the first step with the literal sum; the routers' pool of a float16 map could overflow)."""
     model = timm.create_model(name, num_classes=10)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    for dtype in (torch.float16, torch.bfloat16):
-        for train in (True, False):
-            model.train(train)
-            model.zero_grad(set_to_none=True)
-            with torch.autocast('cpu', dtype=dtype):
-                out = model(x)
-            assert torch.isfinite(out).all(), f'{dtype} {"train" if train else "eval"}: logits'
-            out.float().logsumexp(1).sum().backward()
-            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            assert not bad, f'{dtype} {"train" if train else "eval"}: non-finite gradients in {bad[:3]}'
+    finite = _aggregation_benchmark().fp16_finite(model, x)  # logits and every gradient, per dtype and mode
+    assert len(finite) == 4 and all(finite.values()), finite
 
 
 def test_global_pool_does_not_overflow_in_float16():
