@@ -209,8 +209,10 @@ def write_report(out_dir: Path, command: str) -> Path:
             f"Backbone: `ddw_resnet18` with `stem_width={r0['model_args']['stem_width']}, "
             f"channels={r0['channels']}`, 1 input channel, 28x28 images zero-padded to {b['img_size']} px; "
             f"depths {', '.join(f'{k} = {list(v)}' for k, v in DEPTHS.items())} blocks per stage. Budget per run "
-            f"(protocol(s) {', '.join(protocols)}): {b['train_size']:,} training images (a fixed random subset of "
-            f"60,000), {b['epochs']} epochs of batch {b['batch_size']}, random flip + 2 px shift, SGD momentum 0.9, "
+            f"(protocol(s) {', '.join(protocols)}): "
+            + ('all 60,000 training images' if b['train_size'] >= 60000 else
+               f"{b['train_size']:,} training images (a fixed random subset of 60,000)")
+            + f", {b['epochs']} epochs of batch {b['batch_size']}, random flip + 2 px shift, SGD momentum 0.9, "
             f"lr {b['lr']} (cosine, {b['warmup_epochs']} warm-up epoch), weight decay {b['weight_decay']}, no weight "
             f"decay on routers and thresholds; top-1 on all {b['test_size']:,} test images after the last epoch. "
             f"{r0['env']['jobs']} runs at a time, {r0['env']['threads']} thread each, on a "
