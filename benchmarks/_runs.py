@@ -47,11 +47,14 @@ def write_json(path: Path, record: Dict[str, Any]) -> Path:
     return path
 
 
-def recorded_command(md_path: Path, command: str, report_only: bool) -> str:
-    """The command line to print in a report: a report-only rewrite keeps the one that made the runs."""
-    if report_only and md_path.exists() and '```' in md_path.read_text():
-        return md_path.read_text().split('```')[1].strip()
-    return command
+def recorded_command(md_path: Path, script: str, argv: Optional[Sequence[str]], report_only: bool) -> str:
+    """The command lines a report prints: every one that made its runs so far, this one added unless it
+    only rewrites the report (a protocol may be spread over several commands and sittings)."""
+    command = ' '.join([f'python benchmarks/{script}'] + list(sys.argv[1:] if argv is None else argv))
+    previous = md_path.read_text().split('```')[1].strip() if md_path.exists() and '```' in md_path.read_text() else ''
+    if report_only or command in previous.splitlines():
+        return previous or command
+    return '\n'.join([c for c in previous.splitlines() if c] + [command])
 
 
 def run_pending(

@@ -351,13 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = ' '.join(['python benchmarks/depth.py'] + list(sys.argv[1:] if argv is None else argv))
-    md = out_dir.parent / 'depth.md'
-    previous = recorded_command(md, '', True)
-    if not args.report_only and command not in previous.splitlines():
-        command = '\n'.join([c for c in previous.splitlines() if c] + [command])  # every protocol run so far
-    else:
-        command = previous or command
+    command = recorded_command(out_dir.parent / 'depth.md', 'depth.py', argv, args.report_only)
     if args.analyse:
         print(json.dumps(analyse(args)['latency'], indent=1))
     elif not args.report_only:

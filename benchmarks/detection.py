@@ -402,8 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = ' '.join(['python benchmarks/detection.py'] + list(sys.argv[1:] if argv is None else argv))
-    command = recorded_command(out_dir.parent / f'{out_dir.name}.md', command, args.report_only)
+    command = recorded_command(out_dir.parent / f'{out_dir.name}.md', 'detection.py', argv, args.report_only)
     paper = json.loads(Path(args.paper).read_text())
     if not args.report_only:
         run_pending([(v, s) for s in args.seeds for v in args.variants],
