@@ -117,3 +117,19 @@ def test_gpu_check_smoke_runs_every_path_on_cpu(tmp_path):
     assert res['all_finite'] and not res['skipped']
     blocked = res['blocked_sums']
     assert blocked['blocked_stage'] and blocked['max_abs_difference'] < 0.05 and blocked['speedup'] > 0
+
+
+def test_profile_step_groups_ops_and_sees_the_weighted_sums(tmp_path):
+    prof = _load('profile_step')
+    assert [prof.group_of(op) for op in ('aten::convolution_backward', 'aten::native_batch_norm', 'aten::addmm',
+                                         'aten::addcmul_', 'aten::max_pool2d_with_indices', 'aten::empty')] \
+        == ['convolution', 'batch norm', 'matmul / linear', 'elementwise sum / copy', 'pooling', 'other']
+    out = tmp_path / 'p.json'
+    assert prof.main(['--model', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--steps', '1',
+                      '--rounds', '2', '--threads', '1', '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res['groups']['ddw']['convolution'] > 0 and res['groups']['twin']['convolution'] > 0
+    calls = res['group_calls']  # counts, not times: the same on a busy machine
+    assert calls['ddw']['convolution'] == calls['twin']['convolution']  # the same blocks, no extra convolutions
+    # the graph stages' weighted sums are elementwise work the twin does not have
+    assert calls['ddw']['elementwise sum / copy'] > calls['twin']['elementwise sum / copy']
