@@ -191,8 +191,9 @@ def detectable(std: float, n: int) -> float:
     return (T95.get(dof, 2.0) + T80.get(dof, 0.85)) * std * math.sqrt(2 / n)
 
 
-def reading(groups: Dict[Tuple[str, str], List[float]]) -> List[str]:
-    """What exceeds the seed spread and what does not, from the numbers alone (caveats follow in the report)."""
+def reading(groups: Dict[Tuple[str, str], List[float]], epochs: str) -> List[str]:
+    """What exceeds the seed spread and what does not, from the numbers alone, then the caveats
+    (``epochs``: the training epochs of the runs, as the report states them)."""
     beyond, within = [], []
     for depth in DEPTHS:
         for a, b in COMPARISONS:
@@ -212,11 +213,11 @@ def reading(groups: Dict[Tuple[str, str], List[float]]) -> List[str]:
                        'from ResNet-18 to ResNet-101 is +0.59 over the static network.')
     out += [
         '- What this does and does not say: every variant here trains the same narrow ResNet on 28x28 grey '
-        'Fashion-MNIST images for 8 epochs, near the accuracy ceiling of this small network (about 91-92%); '
+        f'Fashion-MNIST images for {epochs} epochs, near the accuracy ceiling of this small network (about 91-92%); '
         'the paper trains ResNet-18/101 on ImageNet for 100 epochs. A difference within the spread means this '
         'budget cannot resolve it, not that the variants are equal; points of top-1 here and on ImageNet are '
-        'not on one scale. The long stage has 13 nodes (the paper\'s ResNet-101 stage has 24, its RandWire '
-        'comparison 32).']
+        f'not on one scale. The long stage has {max(DEPTHS["long"]) + 1} nodes (the paper\'s ResNet-101 stage has '
+        '24, its RandWire comparison 32).']
     return out
 
 
@@ -284,7 +285,8 @@ def write_report(out_dir: Path, command: str) -> Path:
         lo = _ci(groups[('long', a)], groups[('long', bname)])
         lines.append(f'| {a} - {bname} | {sh[0]:+.2f} +- {sh[1]:.2f} | {lo[0]:+.2f} +- {lo[1]:.2f} | {dd[0]:+.2f} | '
                      f'{dd[0] - dd[1]:+.2f} .. {dd[0] + dd[1]:+.2f} |')
-    lines += ['', '## Reading', ''] + reading(groups) + ['']
+    epochs = ' or '.join(str(e) for e in sorted({r['budget']['epochs'] for r in recs})) or '?'
+    lines += ['', '## Reading', ''] + reading(groups, epochs) + ['']
     analysis = out_dir.parent / 'depth_analysis.json'
     if analysis.exists():
         an = json.loads(analysis.read_text())
