@@ -6,6 +6,11 @@ batch norm, activations, matmul/linear, pooling, elementwise sums and copies, th
 and Python functions' own time, other), so the table says whether the twin's own work (convolutions, batch norm) runs
 slower inside DDW, and how much the aggregation adds.
 
+``--flush-mb N`` adds a third model, the twin with an N MiB read of an unrelated tensor before
+every block's forward and backward: it evicts the cache as DDW's sums do, but adds no sums, no
+allocations and no other layout. If the twin's convolutions slow down as much there as inside DDW,
+the cache explains DDW's slower convolutions.
+
     python benchmarks/profile_step.py --model ddw_resnet101 --batch-size 8 --img-size 128 --mode train
 """
 from __future__ import annotations
@@ -45,6 +50,22 @@ def group_of(op: str) -> str:
     return 'other'
 
 
+def add_cache_flush(model: torch.nn.Module, mib: int) -> int:
+    """Read ``mib`` MiB before the forward and the backward of every block of the model's stages
+    (the children of the modules its ``feature_info`` names); returns the number of blocks hooked."""
+    flush = torch.ones(mib * 2 ** 18)  # float32
+
+    def read(*_):
+        flush.sum()
+
+    blocks = [b for info in model.feature_info for b in model.get_submodule(info['module']).children()
+              if len(list(b.parameters())) > 0]
+    for b in blocks:
+        b.register_forward_pre_hook(read)
+        b.register_full_backward_pre_hook(read)
+    return len(blocks)
+
+
 def profile_ms(bench: Bench, mode: str, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Self CPU ms per step, and calls per step, for every op of ``steps`` profiled steps."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -64,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--top', type=int, default=12)
+    p.add_argument('--flush-mb', type=int, default=0, help='also profile the twin with this cache flush per block')
     p.add_argument('--json', default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,6 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     features_only=False, grad_checkpointing=False, aggregation=None)
     benches = {'twin': Bench(TWINS[args.model], bench_args, torch.device('cpu')),
                'ddw': Bench(args.model, bench_args, torch.device('cpu'))}
+    if args.flush_mb:
+        benches['twin+flush'] = Bench(TWINS[args.model], bench_args, torch.device('cpu'))
+        add_cache_flush(benches['twin+flush'].model, args.flush_mb)
     for b in benches.values():  # warm-up: allocator, oneDNN primitives
         b.step(args.mode), b.step(args.mode)
     per_op: Dict[str, Dict[str, List[float]]] = {n: defaultdict(list) for n in benches}
@@ -88,16 +113,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for op, ms in d.items():
             groups[n][group_of(op)] += ms
             group_calls[n][group_of(op)] += calls[n].get(op, 0.0)
-    names = sorted(set(groups['twin']) | set(groups['ddw']), key=lambda g: -(groups['ddw'][g] - groups['twin'][g]))
+    names = sorted(set().union(*groups.values()), key=lambda g: -(groups['ddw'][g] - groups['twin'][g]))
     head = (f"{args.model} vs {TWINS[args.model]}, {args.mode}, batch {args.batch_size}, {args.img_size} px, "
             f"{args.threads} threads, fp32 eager; self CPU ms per step, mean of {args.rounds} profiled rounds of "
             f"{args.steps} steps")
-    lines = [head, '', '| group | twin | DDW | DDW - twin |', '|---|---|---|---|']
-    for g in names:
-        t, d = groups['twin'][g], groups['ddw'][g]
-        lines.append(f'| {g} | {t:.1f} | {d:.1f} | {d - t:+.1f} |')
+    flushed = 'twin+flush' in benches
+    if flushed:
+        head += f"; twin+flush: the twin reading {args.flush_mb} MiB before each block's forward and backward"
+    extra = (' twin+flush | twin+flush - twin |', '---|---|') if flushed else ('', '')
+    lines = [head, '', '| group | twin | DDW | DDW - twin |' + extra[0], '|---|---|---|---|' + extra[1]]
     total = {n: sum(groups[n].values()) for n in benches}
-    lines.append(f"| **total** | {total['twin']:.1f} | {total['ddw']:.1f} | {total['ddw'] - total['twin']:+.1f} |")
+    for g, row in [(g, groups) for g in names] + [('**total**', {n: {'**total**': total[n]} for n in benches})]:
+        t, d = row['twin'][g], row['ddw'][g]
+        line = f'| {g} | {t:.1f} | {d:.1f} | {d - t:+.1f} |'
+        if flushed:
+            f = row['twin+flush'][g]
+            line += f' {f:.1f} | {f - t:+.1f} |'
+        lines.append(line)
     diff = {op: ops['ddw'].get(op, 0.0) - ops['twin'].get(op, 0.0) for op in set(ops['ddw']) | set(ops['twin'])}
     lines += ['', f'Ops that differ most (top {args.top}):', '',
               '| op | twin | DDW | DDW - twin |', '|---|---|---|---|']
@@ -105,9 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines.append(f"| `{op}` | {ops['twin'].get(op, 0.0):.1f} | {ops['ddw'].get(op, 0.0):.1f} | {diff[op]:+.1f} |")
     print('\n'.join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), groups=groups, group_calls=group_calls, ops=ops,
-                                                   table='\n'.join(lines)),
-                                              indent=1) + '\n')
+        res = dict(args=vars(args), groups=groups, group_calls=group_calls, ops=ops, op_calls=calls,
+                   table='\n'.join(lines))
+        Path(args.json).write_text(json.dumps(res, indent=1) + '\n')
     return 0
 
 

@@ -126,10 +126,15 @@ def test_profile_step_groups_ops_and_sees_the_weighted_sums(tmp_path):
         == ['convolution', 'batch norm', 'matmul / linear', 'elementwise sum / copy', 'pooling', 'other']
     out = tmp_path / 'p.json'
     assert prof.main(['--model', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--steps', '1',
-                      '--rounds', '2', '--threads', '1', '--json', str(out)]) == 0
+                      '--rounds', '2', '--threads', '1', '--flush-mb', '1', '--json', str(out)]) == 0
     res = json.loads(out.read_text())
     assert res['groups']['ddw']['convolution'] > 0 and res['groups']['twin']['convolution'] > 0
     calls = res['group_calls']  # counts, not times: the same on a busy machine
     assert calls['ddw']['convolution'] == calls['twin']['convolution']  # the same blocks, no extra convolutions
+    # the flushed twin: the twin's ops plus one read before each of the 8 blocks' forward and backward
+    assert calls['twin+flush']['convolution'] == calls['twin']['convolution']
+    op_calls = res['op_calls']
+    assert op_calls['twin+flush']['aten::sum'] - op_calls['twin'].get('aten::sum', 0) == 16
+    assert prof.add_cache_flush(timm.create_model('resnet18'), 1) == 8
     # the graph stages' weighted sums are elementwise work the twin does not have
     assert calls['ddw']['elementwise sum / copy'] > calls['twin']['elementwise sum / copy']
