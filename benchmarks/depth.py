@@ -68,7 +68,8 @@ PROTOCOLS: Dict[str, Dict[str, Any]] = {
 }
 COMPARISONS = [  # (a, b): is a better than b?
     ('dynamic', 'chain'), ('dynamic', 'static'), ('dynamic', 'dense'), ('dynamic', 'ws'),
-    ('dynamic', 'dynamic_bias0'), ('dynamic', 'dynamic_sum'), ('static', 'chain'),
+    ('dynamic', 'dynamic_bias0'), ('dynamic', 'dynamic_sum'), ('dynamic', 'er'), ('dynamic', 'ba'),
+    ('static', 'chain'),
 ]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 T80 = {1: 1.38, 2: 1.06, 3: 0.98, 4: 0.94, 5: 0.92, 6: 0.91, 7: 0.90, 8: 0.89, 9: 0.88, 10: 0.88}  # one-sided 20%
