@@ -28,7 +28,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import TWINS, Bench  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 GROUPS = (  # first match wins
     ('convolution', ('convolution',)),
     ('batch norm', ('batch_norm',)),
@@ -59,7 +58,7 @@ def add_cache_flush(model: torch.nn.Module, mib: int) -> int:
         flush.sum()
 
     blocks = [b for info in model.feature_info for b in model.get_submodule(info['module']).children()
-              if len(list(b.parameters())) > 0]
+              if next(b.parameters(), None) is not None]
     for b in blocks:
         b.register_forward_pre_hook(read)
         b.register_full_backward_pre_hook(read)
@@ -122,13 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         head += f"; twin+flush: the twin reading {args.flush_mb} MiB before each block's forward and backward"
     extra = (' twin+flush | twin+flush - twin |', '---|---|') if flushed else ('', '')
     lines = [head, '', '| group | twin | DDW | DDW - twin |' + extra[0], '|---|---|---|---|' + extra[1]]
-    total = {n: sum(groups[n].values()) for n in benches}
-    for g, row in [(g, groups) for g in names] + [('**total**', {n: {'**total**': total[n]} for n in benches})]:
-        t, d = row['twin'][g], row['ddw'][g]
+    rows = [(g, {n: groups[n][g] for n in benches}) for g in names]
+    rows.append(('**total**', {n: sum(groups[n].values()) for n in benches}))
+    for g, row in rows:
+        t, d = row['twin'], row['ddw']
         line = f'| {g} | {t:.1f} | {d:.1f} | {d - t:+.1f} |'
         if flushed:
-            f = row['twin+flush'][g]
-            line += f' {f:.1f} | {f - t:+.1f} |'
+            line += f" {row['twin+flush']:.1f} | {row['twin+flush'] - t:+.1f} |"
         lines.append(line)
     diff = {op: ops['ddw'].get(op, 0.0) - ops['twin'].get(op, 0.0) for op in set(ops['ddw']) | set(ops['twin'])}
     lines += ['', f'Ops that differ most (top {args.top}):', '',
