@@ -138,3 +138,33 @@ def test_profile_step_groups_ops_and_sees_the_weighted_sums(tmp_path):
     assert prof.add_cache_flush(timm.create_model('resnet18'), 1) == 8
     # the graph stages' weighted sums are elementwise work the twin does not have
     assert calls['ddw']['elementwise sum / copy'] > calls['twin']['elementwise sum / copy']
+
+
+def test_blocked_training_bound_times_the_same_sums_both_ways():
+    """The blocked-GEMM estimate is only a bound if it computes what the feature buffer computes:
+    every recomputed input, edge dot product and source gradient, against einsum in float64."""
+    bench = _load('blocked_training')
+    gen = torch.Generator().manual_seed(0)
+    b, n, k, shape = 3, 9, 4, (3, 5, 2, 2)
+    xs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n)]
+    grads = [None] + [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n)]
+    w = torch.rand(b, n + 1, n + 1, generator=gen, dtype=torch.float64).triu(1)
+    x, g = torch.stack([t.flatten(1) for t in xs], 1), torch.stack([t.flatten(1) for t in grads[1:]], 1)
+    want = {'dots': {j: torch.einsum('bd,bid->bi', g[:, j - 1], x[:, :j]) for j in range(1, n + 1)},
+            'dx': {i: torch.einsum('bj,bjd->bd', w[:, i, 1:], g).view(shape) for i in range(n)},
+            'inputs': {j: torch.einsum('bi,bid->bd', w[:, :n, j], x).view(shape) for j in range(1, n)}}
+    ws = {}
+    for run in (lambda out: bench.per_node(xs, grads, w, out=out),
+                lambda out: bench.blocked(xs, grads, w, k, out=out),
+                lambda out: bench.blocked(xs, grads, w, k, ws=ws, out=out),
+                lambda out: bench.blocked(xs, grads, w, k, ws=ws, out=out)):  # reused buffers, second step
+        got = {}
+        run(got)
+        assert set(got) == set(want)
+        for kind, values in want.items():
+            assert set(got[kind]) == set(values), kind
+            for key, value in values.items():
+                torch.testing.assert_close(got[kind][key], value, msg=f'{kind} {key}')
+    doc = bench.main(['--batch-size', '2', '--channels', '4', '--img-size', '2', '--blocks', '5',
+                      '--block-size', '2', '--rounds', '2'])
+    assert set(doc['speedup_median']) == {'blocked', 'blocked, reused'} and doc['edges'] == 15

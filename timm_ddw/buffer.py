@@ -64,6 +64,11 @@ def _batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
+def edge_dots(g: torch.Tensor, sources: List[torch.Tensor]) -> torch.Tensor:
+    """``dL/da_ij = <g[b], x_i[b]>`` for node j's sources: B x len(sources)."""
+    return torch.stack([_batched_dot(*_flat_pair(g, x)) for x in sources], 1)
+
+
 class FeatureBuffer:
     """Aggregation gradients of one stage forward, passed from consumers to their sources in backward."""
     __slots__ = ('preds', 'succs', 'grads', 'pending', 'clear_queued')
@@ -180,6 +185,6 @@ class _Aggregate(torch.autograd.Function):
         ctx.buf._stash(ctx.j, g, w)
         grad_w: Optional[torch.Tensor] = None
         if ctx.needs_input_grad[2]:
-            grad_w = torch.stack([_batched_dot(*_flat_pair(g, x)) for x in sources], 1).to(w.dtype)
+            grad_w = edge_dots(g, list(sources)).to(w.dtype)
         # the sources' gradients are summed once per source, in _Put.backward
         return (None, None, grad_w) + (None,) * len(sources)
