@@ -185,6 +185,6 @@ class _Aggregate(torch.autograd.Function):
         ctx.buf._stash(ctx.j, g, w)
         grad_w: Optional[torch.Tensor] = None
         if ctx.needs_input_grad[2]:
-            grad_w = edge_dots(g, list(sources)).to(w.dtype)
+            grad_w = edge_dots(g, sources).to(w.dtype)
         # the sources' gradients are summed once per source, in _Put.backward
         return (None, None, grad_w) + (None,) * len(sources)
