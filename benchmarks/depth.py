@@ -157,7 +157,7 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
                                             if k not in ('wiring', 'wiring_seed')}).eval()
     x = xte[:args.latency_images]
     with torch.no_grad():
-        assert torch.equal(skip(x), model(x)), 'skipping removed nodes changed the outputs'
+        torch.testing.assert_close(skip(x), model(x), rtol=1e-5, atol=1e-6)  # the live path sums by GEMM
     latency = batch1_latency({'dense': model, 'skip_closed': skip, 'twin': twin}, x, args.latency_rounds)
     result = dict(model=run_name('long', 'dynamic', 0), test_images=len(xte), routing_dir=out.name,
                   removed_node_share=removed / max(nodes, 1), latency=latency, latency_images=len(x),

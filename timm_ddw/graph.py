@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import checkpoint
 
-from .blocked import BlockedSums
+from .blocked import BlockedSums, _memory_order
 from .buffer import FeatureBuffer, global_pool, recompute_input
 
-__all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'AGGREGATIONS', 'register_wiring', 'weighted_sum',
-           'gate_edges', 'bound_weights']
+__all__ = ['GraphStage', 'Wiring', 'WIRINGS', 'GATES', 'AGGREGATIONS', 'REMOVALS', 'register_wiring',
+           'weighted_sum', 'gate_edges', 'bound_weights']
 
 GATES = ('ste', 'psi')
 AGGREGATIONS = ('bounded', 'sum')
+REMOVALS = ('router', 'random')
 EDGE_KINDS = ('router', 'learned', 'fixed')
 
 Graph = List[List[int]]  # preds[j] for j = 0..n (preds[0] is empty)
@@ -132,7 +133,7 @@ def _out_channels(block: nn.Module) -> int:
 
 
 def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: str, wiring_seed: int,
-                aggregation: str) -> None:
+                aggregation: str, node_budget: Optional[float] = None, removal: str = 'router') -> None:
     if not isinstance(wiring, str) or wiring not in WIRINGS:
         raise ValueError(f"wiring={wiring!r} is not one of {sorted(WIRINGS)}")
     if not isinstance(gate, str) or gate not in GATES:
@@ -146,6 +147,15 @@ def _check_args(wiring: str, router_bias: float, threshold_init: float, gate: st
         raise ValueError(f'threshold_init={threshold_init!r} must be a number in [0, 1)')
     if isinstance(wiring_seed, bool) or not isinstance(wiring_seed, int) or wiring_seed < 0:
         raise ValueError(f'wiring_seed={wiring_seed!r} must be a non-negative int')
+    if node_budget is not None:
+        if isinstance(node_budget, bool) or not isinstance(node_budget, (int, float)) or not 0.0 < node_budget <= 1.0:
+            raise ValueError(f'node_budget={node_budget!r} must be None (off) or a share of block nodes in (0, 1]')
+        if WIRINGS[wiring].edges == 'fixed':
+            raise ValueError(f"node_budget needs routed edges (wiring='dynamic' or 'static'), not wiring={wiring!r}")
+    if not isinstance(removal, str) or removal not in REMOVALS:
+        raise ValueError(f"removal={removal!r} is not one of {REMOVALS}")
+    if removal == 'random' and node_budget is None:
+        raise ValueError("removal='random' removes nodes at the rate 1 - node_budget: give node_budget")
 
 
 @register_notrace_module  # a leaf for timm's FX feature extraction: stages keep their flags and capture
@@ -171,11 +181,13 @@ class GraphStage(nn.Module):
             gate: str = 'ste',
             wiring_seed: int = 0,
             aggregation: str = 'bounded',
+            node_budget: Optional[float] = None,
+            removal: str = 'router',
             channels: Optional[int] = None,
             stage_index: int = 0,
     ):
         super().__init__()
-        _check_args(wiring, router_bias, threshold_init, gate, wiring_seed, aggregation)
+        _check_args(wiring, router_bias, threshold_init, gate, wiring_seed, aggregation, node_budget, removal)
         named = list(blocks.named_children())
         if not named:
             raise ValueError('a graph stage needs at least one block')
@@ -196,6 +208,12 @@ class GraphStage(nn.Module):
         # forwards without autograd fold node outputs into later inputs in blocks of this many
         # nodes (timm_ddw.blocked) when the stage has more than twice as many blocks; 0: never
         self.sum_block_size = 6
+        # the live path runs a node on the whole batch (no gather/scatter) when at least this share is live
+        self.dense_above = 0.9
+        self.node_budget = None if node_budget is None else float(node_budget)
+        self.removal = removal
+        # the budget controller's step: threshold shift per training step and unit of usage error
+        self.budget_rate = 0.01
         self._captures: List[List[torch.Tensor]] = []  # one list per active capture_routing block
 
         preds = [list(p) for p in spec.graph(n + 1, stage_seed(wiring_seed, stage_index))]
@@ -212,12 +230,17 @@ class GraphStage(nn.Module):
         self.register_parameter('router_weight', None)
         self.register_parameter('router_bias', None)
         self.register_parameter('tau', None)
+        self.register_buffer('budget_shift', None)
         if self.edges != 'fixed':
             ref = next(blocks.parameters(), None)  # the routers follow the blocks' device and dtype
             dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
             num_edges = self.offsets[-1]
             self.router_bias = nn.Parameter(torch.full((num_edges,), float(router_bias), **dd))
             self.tau = nn.Parameter(torch.full((n,), float(threshold_init), **dd))
+            if self.node_budget is not None and removal == 'router':
+                # added to the thresholds of nodes 1..n-1 by the budget controller (budget.py); a buffer,
+                # so checkpoints, --resume and DDP's buffer broadcast carry it
+                self.budget_shift = torch.zeros(n, **dd)
             if self.edges == 'router':
                 chs = channels or _out_channels(named[-1][1])
                 bound = 1.0 / math.sqrt(chs)
@@ -236,8 +259,23 @@ class GraphStage(nn.Module):
         return 'bounded' if self.bounded else 'sum'
 
     def extra_repr(self) -> str:
+        budget = '' if self.node_budget is None else f', node_budget={self.node_budget}, removal={self.removal!r}'
         return f'wiring={self.wiring!r}, gate={self.gate!r}, aggregation={self.aggregation!r}, ' \
-               f'nodes={self.num_blocks + 1}'
+               f'nodes={self.num_blocks + 1}{budget}'
+
+    def _thresholds(self) -> torch.Tensor:
+        """tau_j of nodes 1..n, moved by the budget controller's shift when a budget is set."""
+        tau, shift = self.tau, self.budget_shift
+        assert tau is not None
+        return tau if shift is None else tau + shift
+
+    def _live(self, w: torch.Tensor, j: int) -> torch.Tensor:
+        """Per sample, whether node j runs: some input edge is open (Eq. 5's removal), and with
+        ``removal='random'`` also a coin with probability ``node_budget`` (the random-removal baseline)."""
+        live = w.ne(0).any(1)
+        if self.removal == 'random' and j < self.num_blocks and self.node_budget is not None:
+            live = live & (torch.rand(w.shape[0], device=w.device) < self.node_budget)
+        return live
 
     def _edge_weights(self, pooled: torch.Tensor, i: int, live: Optional[torch.Tensor]) -> torch.Tensor:
         """Gated weights (B x out-degree) of node i's output edges, from its pooled output (B x C);
@@ -251,7 +289,7 @@ class GraphStage(nn.Module):
             z = bias[lo:hi].unsqueeze(0).expand(pooled.shape[0], hi - lo)
         alpha = torch.sigmoid(z)
         # complete graph: node i's targets are i+1..n, whose thresholds are tau[i:n]
-        w = gate_edges(alpha, tau[i:], self.gate, self.training)
+        w = gate_edges(alpha, self._thresholds()[i:], self.gate, self.training)
         return w if live is None else w * live.unsqueeze(1).to(w.dtype)
 
     def _fixed_sum(self, sources: List[torch.Tensor]) -> torch.Tensor:
@@ -278,16 +316,17 @@ class GraphStage(nn.Module):
         return 1.0 / w.sum(1).clamp(min=1.0) if self.bounded else None
 
     @torch.jit.unused
-    def _open_sources(self, w: torch.Tensor, j: int) -> Tuple[List[int], torch.Tensor]:
-        """Drop the input edges closed for the whole batch (skip mode only)."""
-        keep = w.ne(0).any(0).nonzero().flatten().tolist()
-        return [self.preds[j][k] for k in keep], w[:, keep]
+    def _use_buffer(self, routed: bool) -> bool:
+        """The feature buffer pays off in eager training; compilers fuse the plain sums themselves."""
+        return routed and self.use_buffer and torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling()
 
     @torch.jit.unused
-    def _use_buffer(self, routed: bool, skip: bool) -> bool:
-        """The feature buffer pays off in eager training; compilers fuse the plain sums themselves."""
-        return routed and not skip and self.use_buffer and torch.is_grad_enabled() \
-            and not torch.compiler.is_compiling()
+    def _use_live(self, routed: bool, x: torch.Tensor) -> bool:
+        """Removal saves time only in eager eval mode with ``skip_closed`` (``set_skip_closed``); traced,
+        exported and compiled models keep the dense forward, which has no data-dependent control flow."""
+        return routed and self.skip_closed and not self.training and not isinstance(x, torch.fx.Proxy) \
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
     @torch.jit.unused
     def _use_blocked(self, routed: bool, x: torch.Tensor) -> bool:
@@ -299,18 +338,14 @@ class GraphStage(nn.Module):
             and not torch.is_grad_enabled() and x.device.type in BLOCKED_SUM_DEVICES
 
     @torch.jit.unused
-    def _forward_blocked(self, x: torch.Tensor, skip: bool) -> torch.Tensor:
+    def _forward_blocked(self, x: torch.Tensor) -> torch.Tensor:
         sums = BlockedSums(self.num_blocks, self.sum_block_size)
         weights: List[torch.Tensor] = []
         for j, block in enumerate(self.children()):
             inp, live = x, None
             if j > 0:
                 w = self._in_edges(weights, j)
-                live = w.ne(0).any(1)
-                if skip and not bool(live.any()):  # removed for the whole batch
-                    weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
-                    sums.put(j, None, weights)
-                    continue
+                live = self._live(w, j)
                 inp = sums.input(j, w, self._bound_scale(w))
             out = block(inp)
             weights.append(self._edge_weights(global_pool(out), j, live))
@@ -320,67 +355,136 @@ class GraphStage(nn.Module):
         w = self._in_edges(weights, self.num_blocks)
         return sums.input(self.num_blocks, w, self._bound_scale(w))
 
+    @torch.jit.unused
+    def _forward_live(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode removal that saves time at any batch size: each node's block runs only on the
+        samples for which the node is live (gathered, run, scattered back), on the whole batch when
+        at least ``dense_above`` of it is live, and not at all when none is (batch 1: skip or run).
+
+        Node outputs go into one slab (B x nodes x features, zero where a node did not run: its
+        output edges are closed, and 0 * garbage may be NaN) and the gated weights into one B x N x N
+        matrix, so a node's inputs are one slice and its sum one batched GEMV: per node a constant
+        number of operations, where the per-node path spends two per edge. Values equal the dense
+        forward up to float summation order.
+        """
+        n, batch = self.num_blocks, x.shape[0]
+        x0 = self.get_submodule(next(iter(self._modules)))(x)
+        order = _memory_order(x0)
+        inverse = [order.index(d) for d in range(x0.dim())]
+        shape = [x0.shape[d] for d in order][1:]
+        slab = x0.new_zeros(batch, n, x0[0].numel())
+        slab[:, 0] = x0.permute(order).reshape(batch, -1)
+        w0 = self._edge_weights(global_pool(x0), 0, None)
+        adj = w0.new_zeros(batch, n + 1, n + 1)  # adj[b, j, i] = a_ij, as capture_routing records it
+        adj[:, 1:, 0] = w0
+        for j, block in enumerate(self.children()):
+            if j == 0:
+                continue
+            w = adj[:, j, :j]
+            live = self._live(w, j)
+            count = int(live.sum())
+            if count == 0:  # removed for the whole batch: slab and output edges stay zero
+                continue
+            idx = None if count >= self.dense_above * batch else live.nonzero().squeeze(1)
+            wa = self._applied(w if idx is None else w.index_select(0, idx))
+            src = slab[:, :j] if idx is None else slab[:, :j].index_select(0, idx)
+            with torch.autocast(x.device.type, enabled=False):
+                flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), src).squeeze(1)
+            out = block(flat.view([flat.shape[0]] + shape).permute(inverse))
+            flat_out = out.permute(order).reshape(out.shape[0], -1)
+            if idx is None:
+                slab[:, j] = flat_out
+                adj[:, j + 1:, j] = self._edge_weights(global_pool(out), j, live)
+            else:
+                slab[idx, j] = flat_out.to(slab.dtype)
+                adj[idx, j + 1:, j] = self._edge_weights(global_pool(out), j, None).to(adj.dtype)
+        if self._captures:
+            for captured in self._captures:
+                captured.append(adj.detach().float())
+        wa = self._applied(adj[:, n, :n])
+        with torch.autocast(x.device.type, enabled=False):
+            flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), slab).squeeze(1)
+        return flat.view([batch] + shape).permute(inverse)
+
+    @torch.jit.unused
+    def _update_budget(self, lives: List[torch.Tensor]) -> None:
+        """The loss-free budget controller: after each training forward, move every block node's
+        threshold by ``budget_rate * (share of samples it ran on - node_budget)``, so each node runs
+        on about ``node_budget`` of the samples and its router decides on which. The shares are
+        averaged over DDP ranks first, so every rank makes the same move (DDP also broadcasts the
+        buffer before each forward). No gradient: a GradScaler's loss scale cannot change it.
+        """
+        shift, budget = self.budget_shift, self.node_budget
+        if shift is None or budget is None or not lives:
+            return
+        with torch.no_grad():
+            usage = torch.stack([lv.float().mean() for lv in lives])
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(usage)
+                usage = usage / torch.distributed.get_world_size()
+            step = (usage - budget).mul_(self.budget_rate).to(shift.dtype)
+            shift[:len(lives)].add_(step)
+
     def _run_node(self, block: nn.Module, w: Optional[torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
         """A node as one checkpointed unit: its input is summed again when the block is recomputed,
         so checkpointing keeps only the node outputs, as it keeps only block outputs in the twin."""
         return block(self._fixed_sum(list(sources)) if w is None else weighted_sum(list(sources), w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = self.skip_closed and not self.training and not torch.jit.is_scripting()
         routed = self.router_bias is not None
+        if not torch.jit.is_scripting() and self._use_live(routed, x):
+            return self._forward_live(x)
         if not torch.jit.is_scripting() and self._use_blocked(routed, x):
-            return self._forward_blocked(x, skip)
+            return self._forward_blocked(x)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         feats: List[torch.Tensor] = []  # node outputs (with the buffer: their aliases, the buffer's sources)
         weights: List[torch.Tensor] = []
+        lives: List[torch.Tensor] = []  # for the budget controller
         buf = None
-        if not torch.jit.is_scripting() and not ckpt and self._use_buffer(routed, skip):
+        if not torch.jit.is_scripting() and not ckpt and self._use_buffer(routed):
             buf = FeatureBuffer(self.preds)
         live: Optional[torch.Tensor] = None
         for j, block in enumerate(self.children()):
             src = self.preds[j]
             w: Optional[torch.Tensor] = None
-            removed = False
             if j > 0 and routed:
                 w = self._in_edges(weights, j)
-                live = w.ne(0).any(1)  # node j is removed for samples whose input edges are all closed
+                live = self._live(w, j)  # node j is removed for samples whose input edges are all closed
+                if j < self.num_blocks:
+                    lives.append(live)
                 w = self._applied(w)
-                if skip:
-                    src, w = self._open_sources(w, j)
-                    removed = len(src) == 0
-            if removed:  # for the whole batch: skip the block, close its output edges
-                feats.append(feats[0])
-                weights.append(x.new_zeros(x.shape[0], self.offsets[j + 1] - self.offsets[j]))
-            else:
-                if j == 0:
-                    out = checkpoint(block, x) if not torch.jit.is_scripting() and ckpt else block(x)
-                elif not torch.jit.is_scripting() and ckpt:
-                    out = checkpoint(self._run_node, block, w, *[feats[i] for i in src])
-                elif not routed:
-                    out = block(self._fixed_sum([feats[i] for i in src]))
-                elif not torch.jit.is_scripting() and buf is not None:
-                    assert w is not None
-                    sources = [feats[i] for i in src]
-                    inp = buf.aggregate(j, w, sources)
-                    if self.recompute_inputs:
-                        with recompute_input(inp, w, sources):
-                            out = block(inp)
-                    else:
+            if j == 0:
+                out = checkpoint(block, x) if not torch.jit.is_scripting() and ckpt else block(x)
+            elif not torch.jit.is_scripting() and ckpt:
+                out = checkpoint(self._run_node, block, w, *[feats[i] for i in src])
+            elif not routed:
+                out = block(self._fixed_sum([feats[i] for i in src]))
+            elif not torch.jit.is_scripting() and buf is not None:
+                assert w is not None
+                sources = [feats[i] for i in src]
+                inp = buf.aggregate(j, w, sources)
+                if self.recompute_inputs:
+                    with recompute_input(inp, w, sources):
                         out = block(inp)
                 else:
-                    assert w is not None
-                    out = block(weighted_sum([feats[i] for i in src], w))
-                if not routed:
-                    feats.append(out)
-                elif not torch.jit.is_scripting() and buf is not None:
-                    pooled, alias = buf.put(j, out)  # the alias orders the buffer's backward
-                    feats.append(alias)
-                    weights.append(self._edge_weights(pooled, j, live))
-                else:
-                    feats.append(out)
-                    weights.append(self._edge_weights(global_pool(out), j, live))
+                    out = block(inp)
+            else:
+                assert w is not None
+                out = block(weighted_sum([feats[i] for i in src], w))
+            if not routed:
+                feats.append(out)
+            elif not torch.jit.is_scripting() and buf is not None:
+                pooled, alias = buf.put(j, out)  # the alias orders the buffer's backward
+                feats.append(alias)
+                weights.append(self._edge_weights(pooled, j, live))
+            else:
+                feats.append(out)
+                weights.append(self._edge_weights(global_pool(out), j, live))
         if not torch.jit.is_scripting() and self._captures:
             self._record(weights, x.shape[0], feats[0])
+        if not torch.jit.is_scripting() and self.training and torch.is_grad_enabled():
+            self._update_budget(lives)
 
         n = self.num_blocks
         if not routed:
@@ -389,10 +493,6 @@ class GraphStage(nn.Module):
         w = self._applied(self._in_edges(weights, n))
         if not torch.jit.is_scripting() and buf is not None:
             return buf.aggregate(n, w, [feats[i] for i in src])
-        if skip:
-            src, w = self._open_sources(w, n)
-            if not src:
-                return torch.zeros_like(feats[0])
         return weighted_sum([feats[i] for i in src], w)
 
     @torch.jit.unused

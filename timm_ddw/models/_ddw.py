@@ -19,7 +19,8 @@ _FEATURE_KEYS = ('out_indices', 'feature_cls', 'feature_cfg', 'output_fmt', 'fla
 
 # constructor arguments of the graph stages; every DDW model accepts them
 DDW_DEFAULTS: Dict[str, Any] = dict(
-    wiring='dynamic', router_bias=3.0, threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded')
+    wiring='dynamic', router_bias=3.0, threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded',
+    node_budget=None, removal='router')
 
 _DATA_KEYS = (
     'num_classes', 'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'pool_size',
