@@ -96,9 +96,9 @@ def matched_layers(network: str, budget: float, img_size: int) -> Tuple[Tuple[in
     """Blocks per stage of the chain whose MACs come closest to the budget's executed MACs
     (ties: the stage depths closest to ``1 + budget * (n - 1)``); with its MACs and the target."""
     import timm
+    from ablation import count_macs
 
     import timm_ddw  # noqa: F401
-    from ablation import count_macs
     full = NETWORKS[network]['layers']
     model = timm.create_model('ddw_resnet18', **base_kwargs(network), node_budget=budget)
     total, per_block = block_macs(model, img_size)
@@ -256,7 +256,7 @@ def load_runs(out_dir: Path) -> Dict[Tuple[str, str], List[Dict[str, Any]]]:
     by: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for p in sorted(out_dir.glob('*.json')):
         r = json.loads(p.read_text())
-        tag = r['variant'] if r['node_budget'] is None or r['variant'] in DEPTH_RUNS else f"{r['variant']}{r['node_budget']:g}"
+        tag = run_name(r['network'], r['variant'], r['node_budget'], 0).split('_')[1]
         by.setdefault((r['network'], tag), []).append(r)
     depth = out_dir.parent / 'depth'
     for variant, theirs in DEPTH_RUNS.items():
