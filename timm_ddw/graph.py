@@ -7,7 +7,7 @@ How edges are weighted is a *wiring* (see :data:`WIRINGS`), so new wirings never
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
