@@ -278,6 +278,26 @@ def test_push(exported, tmp_path, monkeypatch):
         push_folder(exported, 'x', dry_run=True)
 
 
+def test_timms_push_to_hf_hub_publishes_a_ddw_model_timm_loads(static_model, tmp_path, monkeypatch):
+    """README points to it: with ddw_model_args and safe_serialization=True, timm loads what it uploads."""
+    import huggingface_hub
+
+    uploaded = tmp_path / 'uploaded'
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
+                        lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}'))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', lambda self, **kw: False)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder',
+                        lambda self, **kw: shutil.copytree(kw['folder_path'], uploaded))
+    timm.models.push_to_hf_hub(static_model, 'org/ddw-timm-push', model_args=ddw_model_args(static_model),
+                               safe_serialization=True)
+    assert sorted(p.name for p in uploaded.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert json.loads((uploaded / 'config.json').read_text())['model_args']['num_classes'] == 10  # timm's copy
+    model = timm.create_model(f'local-dir:{uploaded}', pretrained=True).eval()
+    assert {s.wiring for s in timm_ddw.graph_stages(model).values()} == {'static'}
+    with torch.no_grad():
+        assert torch.equal(model(X), static_model(X))
+
+
 def test_hub_configs_in_sync(tmp_path):
     assert check_hub_configs(ROOT / 'hub_configs') == [], 'run `timm-ddw hub-configs hub_configs`'
     shutil.copytree(ROOT / 'hub_configs', tmp_path / 'h')
