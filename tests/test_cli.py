@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
     for name in ('config.json', 'README.md'):
         (tmp / 'earlier_export' / name).write_text('{"published": "earlier"}')
     (tmp / 'repo').mkdir()
+    (tmp / 'classes.txt').write_text('T-shirt/top\n\nAnkle boot\n')
     (tmp / 'repo' / 'notes.txt').write_text('private notes')
     f['before'] = {k: md5s(tmp / k) for k in ('earlier_run', 'earlier_report', 'earlier_export')}
     f['unwritable'] = unwritable(tmp)
@@ -103,6 +104,10 @@ def batch(setup):
         export_existing=['export', tmp / 'static.pth.tar', tmp / 'earlier_export'],
         export_beside_notes=['export', tmp / 'static.pth.tar', tmp / 'repo', '--model-kwargs', 'wiring=static'],
         export_wrong_kwargs=['export', tmp / 'static.pth.tar', tmp / 'e2', '--model-kwargs', 'wiring=dynamic'],
+        export_label_count=['export', tmp / 'static.pth.tar', tmp / 'e3', '--label-names', 'a', 'b', 'c'],
+        export_label_file=['export', tmp / 'static.pth.tar', tmp / 'e4', '--label-names', tmp / 'classes.txt'],
+        export_label_args=['export', tmp / 'static.pth.tar', tmp / 'e5', '--label-names', 'cat', 'snow owl'],
+        export_folder_again=['export', tmp / 'e4' / 'model.safetensors', tmp / 'e6'],
         push_dry_run=['push', tmp / 'repo', 'org/ddw', '--dry-run'],
         push_no_token=['push', tmp / 'repo', 'org/ddw'],
         hub_configs_missing=['hub-configs', tmp / 'no_hub_configs', '--check'],
@@ -139,6 +144,7 @@ ERRORS = {  # case: (command, text of its one error line)
     'export_existing': ('export', 'earlier_export already holds config.json, README.md; nothing was written '
                                   '(--overwrite replaces them)'),
     'export_wrong_kwargs': ('export', "static.pth.tar does not fit ddw_resnet18 (wiring='dynamic'"),
+    'export_label_count': ('export', 'error: label_names has 3 names but the model has num_classes=2'),
     'push_no_token': ('push', 'error: no Hugging Face token: set HF_TOKEN or run `hf auth login`'),
     'hub_configs_missing': ('hub-configs', 'no_hub_configs does not exist; generate it with `timm-ddw hub-configs'),
 }
@@ -196,6 +202,19 @@ def test_export_beside_other_files_lists_and_pushes_only_its_own(batch, setup):
     assert dry['rc'] == 0, dry['err']
     assert 'would upload model.safetensors, config.json, README.md from' in dry['out']
     assert 'not uploaded: notes.txt' in dry['out'] and 'token NOT found' in dry['out']
+
+
+def test_export_label_names_from_the_command_line_a_file_or_the_folder(batch, setup):
+    tmp = setup['tmp']
+    for case, folder, names in (('export_label_file', 'e4', ['T-shirt/top', 'Ankle boot']),
+                                ('export_label_args', 'e5', ['cat', 'snow owl']),
+                                ('export_folder_again', 'e6', ['T-shirt/top', 'Ankle boot'])):
+        assert batch[case]['rc'] == 0, batch[case]['err']
+        config = json.loads((tmp / folder / 'config.json').read_text())
+        assert config['label_names'] == names, case
+        assert config['num_classes'] == 2 and 'num_classes' not in config['model_args']
+        assert config['model_args']['wiring'] == 'static', case  # e6: from e4's config.json
+    assert not (tmp / 'e3').exists()
 
 
 def test_train_help_shows_every_default(batch):

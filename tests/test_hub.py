@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,11 +19,14 @@ import timm_ddw
 from timm_ddw.hub import (
     DdwCheckpointError,
     check_hub_configs,
+    ddw_model_args,
     export_checkpoint,
     export_folder,
     hub_config,
     push_folder,
 )
+from timm_ddw.loading import load_model
+from timm_ddw.models._ddw import DDW_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -79,9 +83,11 @@ def test_export_folder_contents(exported, static_model):
     assert sorted(p.name for p in exported.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((exported / 'config.json').read_text())
     assert config['architecture'] == 'ddw_resnet18' and config['num_classes'] == 10
-    assert config['model_args'] == dict(num_classes=10, in_chans=3, wiring='static', router_bias=3.0,
+    # num_classes at the top level only, as transformers needs it; in_chans stays in model_args
+    assert config['model_args'] == dict(in_chans=3, wiring='static', router_bias=3.0,
                                         threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded',
                                         global_pool='avg')
+    assert 'label_names' not in config  # none given: none invented
     cfg = config['pretrained_cfg']
     assert 'hf_hub_id' not in cfg and 'tag' not in cfg  # the twin's chain-init source is not carried over
     assert cfg['input_size'] == [3, 224, 224] and cfg['crop_pct'] == 0.95 and cfg['license'] == 'apache-2.0'
@@ -162,6 +168,77 @@ def test_exported_config_of_a_small_model_drops_the_twins_test_size(static_model
     assert hub_config(static_model)['pretrained_cfg']['test_input_size'] == [3, 288, 288]  # the twin's, unchanged
 
 
+NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+
+
+def test_config_is_timms_layout_with_num_classes_only_at_the_top(static_model, tmp_path):
+    from timm.models._hub import save_config_for_hf
+    config = hub_config(static_model, label_names=NAMES)
+    save_config_for_hf(static_model, str(tmp_path / 'timm.json'), model_args=ddw_model_args(static_model),
+                       model_config=dict(label_names=NAMES))
+    timms = json.loads((tmp_path / 'timm.json').read_text())
+    assert list(config) == list(timms)  # the same fields, in timm's order
+    assert config['num_classes'] == timms['num_classes'] == 10 and config['label_names'] == NAMES
+    # timm 1.0.31 also copies num_classes into model_args, where transformers refuses it: the only difference
+    assert timms['model_args'].pop('num_classes') == 10 and config['model_args'] == timms['model_args']
+    assert set(DDW_DEFAULTS) <= set(config['model_args']) and config['model_args']['in_chans'] == 3
+
+
+def test_label_names_are_checked_before_anything_is_written(static_model, tmp_path):
+    out = tmp_path / 'out'
+    for names, message in ((NAMES[:9], 'label_names has 9 names but the model has num_classes=10'),
+                           (NAMES[:9] + ['Bag'], "label_names repeats 'Bag'; each class needs its own name"),
+                           ('T-shirt/top', 'label_names must be a list of class names, got str'),
+                           (NAMES[:9] + [''], "label_names must be non-empty strings, got ''")):
+        with pytest.raises(ValueError, match=f'^{re.escape(message)}$'):
+            export_folder(static_model, out, label_names=names)
+        assert not out.exists()
+
+
+def old_layout(folder: Path, dest: Path) -> Path:
+    """``folder`` as exports before label_names wrote it: num_classes and in_chans also in model_args."""
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / 'config.json').read_text())
+    config.pop('label_names', None)
+    config['model_args'] = dict(num_classes=config['num_classes'], **config['model_args'])
+    (dest / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    return dest
+
+
+def test_both_layouts_load_and_old_folders_reexport_in_the_new_one(exported, static_model, tmp_path):
+    old = old_layout(exported, tmp_path / 'old')
+    assert json.loads((old / 'config.json').read_text())['model_args']['num_classes'] == 10
+    for folder in (exported, old):
+        for model in (timm.create_model(f'local-dir:{folder}', pretrained=True).eval(),
+                      load_model('ddw_resnet18', checkpoint=folder / 'model.safetensors')[0].eval()):
+            assert model.num_classes == 10
+            assert {s.wiring for s in timm_ddw.graph_stages(model).values()} == {'static'}
+            with torch.no_grad():
+                assert torch.equal(model(X), static_model(X))
+    # the weights of a folder export with the folder's architecture and arguments, in the new layout
+    new = export_checkpoint(old / 'model.safetensors', tmp_path / 'new', label_names=NAMES)
+    config = json.loads((new / 'config.json').read_text())
+    assert 'num_classes' not in config['model_args'] and config['model_args']['wiring'] == 'static'
+    assert config['num_classes'] == 10 and config['label_names'] == NAMES
+    again = export_checkpoint(new / 'model.safetensors', tmp_path / 'again')  # names kept from config.json
+    assert json.loads((again / 'config.json').read_text())['label_names'] == NAMES
+    assert '- **Classes:** 10 (T-shirt/top, Trouser, Pullover,' in (again / 'README.md').read_text()
+
+
+def test_export_checkpoint_takes_the_class_names_train_stored(static_model, tmp_path):
+    ckpt = tmp_path / 'last.pth.tar'
+    torch.save(dict(arch='ddw_resnet18', state_dict=static_model.state_dict(), label_names=NAMES,
+                    model_args=dict(wiring='static', num_classes=10, in_chans=3)), ckpt)
+    config = json.loads((export_checkpoint(ckpt, tmp_path / 'a') / 'config.json').read_text())
+    assert config['label_names'] == NAMES and 'label_names' not in config['pretrained_cfg']  # timm's place
+    given = [n.upper() for n in NAMES]
+    config = json.loads((export_checkpoint(ckpt, tmp_path / 'b', label_names=given) / 'config.json').read_text())
+    assert config['label_names'] == given  # given names win over stored ones
+    assert timm.create_model(f'local-dir:{tmp_path / "b"}', pretrained=True).pretrained_cfg['label_names'] == given
+    with pytest.raises(ValueError, match='label_names has 2 names but the model has num_classes=10'):
+        export_checkpoint(ckpt, tmp_path / 'c', label_names=['a', 'b'])
+
+
 def test_push(exported, tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.utils import build_hf_headers
@@ -199,6 +276,26 @@ def test_push(exported, tmp_path, monkeypatch):
         push_folder(bad, 'org/x', dry_run=True)
     with pytest.raises(ValueError, match="repo_id='x' must be 'ORG/NAME'"):
         push_folder(exported, 'x', dry_run=True)
+
+
+def test_timms_push_to_hf_hub_publishes_a_ddw_model_timm_loads(static_model, tmp_path, monkeypatch):
+    """README points to it: with ddw_model_args and safe_serialization=True, timm loads what it uploads."""
+    import huggingface_hub
+
+    uploaded = tmp_path / 'uploaded'
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
+                        lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}'))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', lambda self, **kw: False)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder',
+                        lambda self, **kw: shutil.copytree(kw['folder_path'], uploaded))
+    timm.models.push_to_hf_hub(static_model, 'org/ddw-timm-push', model_args=ddw_model_args(static_model),
+                               safe_serialization=True)
+    assert sorted(p.name for p in uploaded.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert json.loads((uploaded / 'config.json').read_text())['model_args']['num_classes'] == 10  # timm's copy
+    model = timm.create_model(f'local-dir:{uploaded}', pretrained=True).eval()
+    assert {s.wiring for s in timm_ddw.graph_stages(model).values()} == {'static'}
+    with torch.no_grad():
+        assert torch.equal(model(X), static_model(X))
 
 
 def test_hub_configs_in_sync(tmp_path):

@@ -19,6 +19,7 @@ import timm_ddw
 from timm_ddw import data
 from timm_ddw import train as job
 from timm_ddw.data import DataError
+from timm_ddw.loading import read_train_checkpoint
 from timm_ddw.train import TrainConfig, TrainingInterrupted, train
 
 HAVE_FMNIST = (Path(data.FASHION_MNIST_DIR) / 'train-images-idx3-ubyte.gz').is_file()
@@ -78,7 +79,9 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_report(quick_run):
     out, metrics, routing, _, _ = quick_run
     assert (out / 'model' / 'model.safetensors').is_file() and (out / 'model' / 'config.json').is_file()
-    cfg = json.loads((out / 'model' / 'config.json').read_text())['pretrained_cfg']
+    config = json.loads((out / 'model' / 'config.json').read_text())
+    assert config['label_names'] == list(data.FASHION_MNIST_CLASSES) and config['model_args']['in_chans'] == 1
+    cfg = config['pretrained_cfg']
     assert cfg['input_size'] == [1, 32, 32] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
     assert 'test_input_size' not in cfg  # not the twin's 288 px
     assert metrics['model'] == 'ddw_resnet18' and metrics['dataset'] == 'fashion-mnist'
@@ -138,6 +141,11 @@ def test_image_folder_run(tmp_path):
     assert [h['steps'] for h in metrics['history']] == [4, 8]  # --max-steps 8 spread over 2 epochs
     saved = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert saved['val_top1'] == metrics['val_top1']
+    # model/ names the classes for timm and transformers; the checkpoint keeps them for `timm-ddw export`
+    assert json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())['label_names'] == ['cat', 'dog', 'owl']
+    assert read_train_checkpoint(tmp_path / 'run' / 'last.pth.tar')['label_names'] == ['cat', 'dog', 'owl']
+    out = timm_ddw.hub.export_checkpoint(tmp_path / 'run' / 'last.pth.tar', tmp_path / 'export')
+    assert json.loads((out / 'config.json').read_text())['label_names'] == ['cat', 'dog', 'owl']
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
@@ -190,6 +198,7 @@ def test_timm_flags_num_classes_sched_channels_last_and_initial_checkpoint(tmp_p
     out = timm_ddw.hub.export_checkpoint(tmp_path / 'b' / 'last.pth.tar', tmp_path / 'export')
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'ddw_resnet18' and config['num_classes'] == 3
+    assert 'label_names' not in config  # 2 class folders do not name 3 outputs
 
 
 def test_resume_refuses_foreign_and_random_files(tmp_path):

@@ -1,9 +1,12 @@
 """Publishing DDW weights on the Hugging Face Hub, and loading them back.
 
 A published DDW repository is a timm repository: ``model.safetensors``, a ``config.json`` in
-timm's format whose ``architecture`` and ``model_args`` (wiring, router settings, ...) rebuild
-the model, and a model card. ``timm.create_model('hf-hub:ORG/REPO', pretrained=True)`` loads it
-once ``timm_ddw`` is imported. The library behind the commands (``timm-ddw COMMAND -h``):
+timm's format whose ``architecture``, ``num_classes`` and ``model_args`` (wiring, router settings,
+``in_chans``, ...) rebuild the model, with ``label_names`` when the classes are known, and a model
+card. Once ``timm_ddw`` is imported, ``timm.create_model('hf-hub:ORG/REPO', pretrained=True)`` and
+transformers' timm wrapper (``AutoModelForImageClassification``, ``pipeline('image-classification')``)
+load it. ``num_classes`` is kept out of ``model_args``: transformers passes it to timm itself, next
+to ``model_args``. The library behind the commands (``timm-ddw COMMAND -h``):
 
 - ``export``: a train.py checkpoint -> a Hub-ready folder (:func:`export_checkpoint`);
 - ``push``: upload such a folder with huggingface_hub (:func:`push_folder`);
@@ -18,7 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -28,8 +31,8 @@ from .models._ddw import DDW_DEFAULTS, DdwMixin
 from .models._pretrained import DdwCheckpointError, load_checked
 
 __all__ = [
-    'DdwCheckpointError', 'EXPORT_FILES', 'TWINS', 'export_folder', 'export_checkpoint', 'push_folder', 'hub_config',
-    'model_card', 'write_hub_configs', 'check_hub_configs']
+    'DdwCheckpointError', 'EXPORT_FILES', 'TWINS', 'check_label_names', 'export_folder', 'export_checkpoint',
+    'push_folder', 'hub_config', 'model_card', 'write_hub_configs', 'check_hub_configs']
 
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -59,6 +62,31 @@ METRIC_FIELDS = {
     'top1': 'Top-1 accuracy (%)', 'top5': 'Top-5 accuracy (%)', 'dataset': 'Evaluation data set',
     'img_size': 'Evaluation image size', 'crop_pct': 'Evaluation crop_pct'}
 PathLike = Union[str, Path]
+# constructor arguments config.json keeps at its top level, not in model_args: transformers' timm
+# wrapper passes them to timm.create_model itself, next to model_args (a copy there is a TypeError)
+TOP_LEVEL_ARGS = ('num_classes',)
+
+
+def check_label_names(label_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+    """``label_names`` as a list, one distinct non-empty name per class, or ValueError.
+
+    Clients map classifier index i to ``label_names[i]``: a list of another length (or with
+    repeats) would name the wrong classes, so it is refused rather than written.
+    """
+    if label_names is None:
+        return None
+    if isinstance(label_names, (str, bytes)) or not isinstance(label_names, Sequence):
+        raise ValueError(f'label_names must be a list of class names, got {type(label_names).__name__}')
+    names = list(label_names)
+    if len(names) != num_classes:
+        raise ValueError(f'label_names has {len(names)} names but the model has num_classes={num_classes}')
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f'label_names must be non-empty strings, got {bad[0]!r}')
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f'label_names repeats {", ".join(map(repr, repeated))}; each class needs its own name')
+    return names
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -110,23 +138,32 @@ def hub_config(
         license: Optional[str] = None,
         description: Optional[str] = None,
         data_config: Optional[Mapping[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """``config.json`` of a published DDW model, in timm's format (timm's own writer).
 
     The source-weight fields of ``pretrained_cfg`` (hub id, chain-init tag and description) are
     replaced: the exported weights are a new source. ``data_config`` (input_size, mean, std,
     crop_pct, interpolation, ...) records the preprocessing the weights were trained with.
+    ``label_names`` (one per class) name the classes for timm and transformers. ``num_classes``
+    sits at the top level only (see ``TOP_LEVEL_ARGS``), so that transformers can load the folder.
     """
     from timm.models._hub import save_config_for_hf
 
     model = _unwrap(model)
     args = ddw_model_args(model, model_args)
+    names = check_label_names(label_names, model.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'config.json'
         # timm resolves the data config against the model (so a 1-channel model needs no ImageNet
         # mean) and drops the twin's test_input_size once another input_size is given
-        save_config_for_hf(model, str(path), model_args=args, data_config=dict(data_config or {}) or None)
+        save_config_for_hf(model, str(path), model_args=args, data_config=dict(data_config or {}) or None,
+                           model_config=dict(label_names=names) if names else None)
         config = json.loads(path.read_text())
+    for key in TOP_LEVEL_ARGS:  # timm also copies them into model_args; transformers refuses the copy
+        value = config.get('model_args', {}).pop(key, None)
+        if value is not None and value != config[key]:
+            raise ValueError(f'model_args {key}={value!r} differs from the model\'s {key}={config[key]!r}')
     cfg = config['pretrained_cfg']
     for key in ('tag', 'origin_url', 'description', 'notes', 'paper_ids'):
         cfg.pop(key, None)
@@ -199,7 +236,7 @@ def model_card(
     lines.append('- **Graph stages:**')
     lines += [f'  - {s}' for s in _stage_lines(model)]
     lines += [f'- **Params (M):** {total / 1e6:.2f} (routers and thresholds: {routing / 1e6:.3f})',
-              f"- **Classes:** {config['num_classes']}",
+              f"- **Classes:** {config['num_classes']}" + _names_text(config.get('label_names')),
               f"- **Image size:** train {tuple(cfg['input_size'])}"
               + (f", test {tuple(cfg['test_input_size'])}" if cfg.get('test_input_size') else ''),
               f"- **Preprocessing:** crop_pct {cfg.get('crop_pct')}, {cfg.get('interpolation')} interpolation, "
@@ -218,10 +255,30 @@ def model_card(
               'data_config = timm.data.resolve_model_data_config(model)',
               'transform = timm.data.create_transform(**data_config, is_training=False)',
               'with timm_ddw.capture_routing(model) as routing:  # optional: per-sample adjacency matrices',
-              '    logits = model(transform(image).unsqueeze(0))', '```', '', '## Citation']
+              '    logits = model(transform(image).unsqueeze(0))', '```', '',
+              "With transformers (its timm wrapper builds the model with timm, so `import timm_ddw` first):", '',
+              '```python', 'import timm_ddw  # registers the ddw_* models',
+              'from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline', '']
+    if cfg['input_size'][0] == 3:
+        lines += [f"classify = pipeline('image-classification', model='{repo}')",
+                  'print(classify(image))  # [{\'label\': ..., \'score\': ...}, ...]', '']
+    else:  # pipeline() converts every image to RGB, which a model of other channels cannot take
+        lines += [f"# pipeline() feeds RGB images; this model takes {cfg['input_size'][0]} channel(s)",
+                  "image = image.convert('L')" if cfg['input_size'][0] == 1 else '# image: an array of those channels']
+    lines += [f"processor = AutoImageProcessor.from_pretrained('{repo}')",
+              f"model = AutoModelForImageClassification.from_pretrained('{repo}').eval()",
+              "logits = model(**processor(image)).logits",
+              'print(model.config.id2label[logits.argmax(-1).item()])', '```', '', '## Citation']
     for c in CITATIONS:
         lines += ['```bibtex', c, '```']
     return '\n'.join(lines) + '\n'
+
+
+def _names_text(names: Optional[Sequence[str]], most: int = 20) -> str:
+    if not names:
+        return ''
+    shown = ', '.join(names[:most]) + (f', ... ({len(names) - most} more)' if len(names) > most else '')
+    return f' ({shown})'
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -243,13 +300,15 @@ def export_folder(
         license: Optional[str] = None,
         description: Optional[str] = None,
         data_config: Optional[Mapping[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None,
         overwrite: bool = False,
 ) -> Path:
     """Write a Hub-ready folder for ``model``: model.safetensors, config.json, README.md.
 
     ``model_args`` adds or confirms constructor arguments (they are checked by rebuilding the
     model); ``metrics`` (e.g. ``dict(top1=.., top5=.., dataset=.., img_size=..)``) and ``recipe``
-    (a train.py YAML path, its text or a dict) go into the model card. Weights are never pickled.
+    (a train.py YAML path, its text or a dict) go into the model card; ``label_names`` (one per
+    class, in classifier order) name the classes in config.json. Weights are never pickled.
     A folder that already holds any of those files is refused (FileExistsError, nothing
     written) unless ``overwrite``; other files in it are left alone.
     """
@@ -261,12 +320,34 @@ def export_folder(
     if existing and not overwrite:
         raise FileExistsError(f'{out} already holds {", ".join(existing)}; nothing was written')
     config = hub_config(model, model_args, tag=tag, license=license, description=description,
-                        data_config=data_config)
+                        data_config=data_config, label_names=label_names)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model, out / WEIGHTS_NAME)
     (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     (out / 'README.md').write_text(model_card(config, model, repo_id, metrics, recipe))
     return out
+
+
+def _folder_config(weights: Path) -> Dict[str, Any]:
+    """What a DDW ``config.json`` next to a ``.safetensors`` file says about it (or nothing).
+
+    It lets ``timm-ddw export FOLDER/model.safetensors NEW`` re-export a published folder, also one
+    written in the layout before label_names (``num_classes`` inside ``model_args``).
+    """
+    path = weights.parent / 'config.json'
+    if weights.suffix != '.safetensors' or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(config, dict) or config.get('architecture') not in TWINS:
+        return {}
+    args = dict(config.get('model_args') or {})
+    if isinstance(config.get('num_classes'), int):
+        args.setdefault('num_classes', config['num_classes'])
+    names = config.get('label_names') or (config.get('pretrained_cfg') or {}).get('label_names')
+    return dict(arch=config['architecture'], model_args=args, label_names=names)
 
 
 def export_checkpoint(
@@ -276,12 +357,16 @@ def export_checkpoint(
         model_args: Optional[Mapping[str, Any]] = None,
         use_ema: bool = True,
         overwrite: bool = False,
+        label_names: Optional[Sequence[str]] = None,
         **card: Any,
 ) -> Path:
     """Export a train.py checkpoint (EMA weights preferred, as timm does) with :func:`export_folder`.
 
     The model name defaults to the checkpoint's ``arch``; ``num_classes`` and ``in_chans``
     default to the shapes of its classifier and first conv. The weights must fit exactly.
+    ``label_names`` default to those ``timm-ddw train`` stored in the checkpoint. A
+    ``.safetensors`` file next to a DDW ``config.json`` (an exported folder, old layout or new)
+    takes its architecture, arguments and class names from there.
     """
     from timm.models import get_pretrained_cfg
 
@@ -289,6 +374,7 @@ def export_checkpoint(
 
     path = Path(checkpoint)
     state_dict, meta = read_checkpoint(path, use_ema=use_ema)
+    meta = {**_folder_config(path), **{k: v for k, v in meta.items() if v}}
     name = model_name or meta.get('arch')
     if name not in TWINS:
         raise ValueError(f"model {name!r} (given, or the checkpoint's arch) is not one of {sorted(TWINS)}")
@@ -302,7 +388,10 @@ def export_checkpoint(
         args['in_chans'] = int(state_dict[stem].shape[1])
     model = create_ddw_model(name, **args)
     load_checked(model, state_dict, source=str(path))
-    return export_folder(model.eval(), out_dir, model_args=args, overwrite=overwrite, **card)
+    if label_names is None:
+        label_names = meta.get('label_names') or None
+    return export_folder(model.eval(), out_dir, model_args=args, label_names=label_names, overwrite=overwrite,
+                         **card)
 
 
 def _check_folder(folder: Path) -> List[Path]:

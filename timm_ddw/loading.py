@@ -66,13 +66,16 @@ def _unreadable(path: Path) -> DdwCheckpointError:
 
 
 def _meta(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
-    """``arch``, constructor arguments and epoch stored next to the weights in a train.py checkpoint."""
+    """``arch``, constructor arguments, epoch and class names (``label_names``, as ``timm-ddw
+    train`` stores them) kept next to the weights in a train.py checkpoint."""
     args = checkpoint.get('args')
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     kwargs = dict(args.get('model_kwargs') or {}) if isinstance(args, dict) else {}
     if isinstance(checkpoint.get('model_args'), dict):
         kwargs.update(checkpoint['model_args'])
-    return dict(arch=checkpoint.get('arch'), model_args=kwargs, epoch=checkpoint.get('epoch'))
+    names = checkpoint.get('label_names')
+    return dict(arch=checkpoint.get('arch'), model_args=kwargs, epoch=checkpoint.get('epoch'),
+                label_names=list(names) if isinstance(names, (list, tuple)) else None)
 
 
 def read_train_checkpoint(path: PathLike) -> Dict[str, Any]:

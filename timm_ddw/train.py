@@ -283,30 +283,32 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast=nullcontex
 class _CheckpointState:
     """CheckpointSaver's ``task`` hook: the entries of timm's format (``state_dict``,
     ``state_dict_ema``) plus what an exact resume needs: the scheduler, the history so far and the
-    model's constructor arguments (read by ``timm-ddw export``)."""
+    model's constructor arguments and class names (read by ``timm-ddw export``)."""
 
     def __init__(self, model: nn.Module, model_ema: Optional[ModelEmaV3], scheduler, history: List[Dict[str, Any]],
-                 model_args: Dict[str, Any]) -> None:
+                 model_args: Dict[str, Any], label_names: Optional[List[str]] = None) -> None:
         self.model, self.model_ema, self.scheduler = model, model_ema, scheduler
-        self.history, self.model_args = history, model_args
+        self.history, self.model_args, self.label_names = history, model_args, label_names
 
     def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
         if ema:
             return {} if self.model_ema is None else {'state_dict_ema': get_state_dict(self.model_ema, unwrap_fn)}
         state = dict(state_dict=get_state_dict(self.model, unwrap_fn), history=list(self.history),
                      model_args=dict(self.model_args))
+        if self.label_names:
+            state['label_names'] = list(self.label_names)
         if self.scheduler is not None:
             state['scheduler'] = self.scheduler.state_dict()
         return state
 
 
 def _export(model: nn.Module, out_dir: Path, model_args: Dict[str, Any], metrics: Dict[str, Any],
-            recipe: Dict[str, Any], data_config: Dict[str, Any]) -> str:
+            recipe: Dict[str, Any], data_config: Dict[str, Any], label_names: Optional[List[str]] = None) -> str:
     """Final weights in the Hub export format, with the data config they were trained with."""
     from .hub import export_folder
     keys = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
     export_folder(model, out_dir, model_args=model_args, metrics=metrics, recipe=recipe,
-                  data_config={k: data_config[k] for k in keys if k in data_config})
+                  data_config={k: data_config[k] for k in keys if k in data_config}, label_names=label_names)
     return 'timm_ddw.hub.export_folder'
 
 
@@ -405,7 +407,9 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
 
     out, note = _output_dir(c, c.model, data_name)
     recipe = dataclasses.asdict(c)
-    checkpoint_state = _CheckpointState(model, model_ema, scheduler, history, model_args)
+    # the class names, when they name every output (num_classes may exceed the data's classes)
+    label_names = list(classes) if len(classes) == model_args['num_classes'] else None
+    checkpoint_state = _CheckpointState(model, model_ema, scheduler, history, model_args, label_names)
     saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(**recipe), amp_scaler=loss_scaler,
                             checkpoint_dir=str(out), recovery_dir=str(out), decreasing=False, max_history=1,
                             task=checkpoint_state)
@@ -481,7 +485,8 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
     final_model = model_ema.module if model_ema is not None else model
     metrics['exported_with'] = _export(
         unwrap_model(final_model).cpu(), out / 'model', model_args,
-        {k: metrics[k] for k in ('dataset', 'val_top1', 'val_top5', 'epochs', 'img_size')}, recipe, data_config)
+        {k: metrics[k] for k in ('dataset', 'val_top1', 'val_top5', 'epochs', 'img_size')}, recipe, data_config,
+        label_names)
     routing.meta.update(model=c.model, dataset=data_name, split='val')
     routing_files = routing.save(out)  # routing.json/.npz, summary.txt, heatmaps with matplotlib
     del loader_train, loader_val  # joins the loader workers so their CPU time is counted

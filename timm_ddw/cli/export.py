@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..hub import EXPORT_FILES, export_checkpoint
 from ._common import HelpFormatter, KeyValue
@@ -29,6 +29,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument('--repo-id', default=None, help='ORG/NAME the card refers to')
     p.add_argument('--tag', default=None, help='pretrained tag to record in config.json')
     p.add_argument('--license', default=None, help="licence (default: the source weights' licence)")
+    p.add_argument('--label-names', nargs='+', default=None, metavar='NAME',
+                   help='class names in classifier order, for config.json (timm and transformers show them), or '
+                        'one file: a name per line, or a JSON list (default: the names `timm-ddw train` stored in '
+                        'the checkpoint, or the config.json next to a .safetensors file)'),
     p.add_argument('--overwrite', action='store_true', help='replace export files already in the folder')
     p.set_defaults(run=run)
 
@@ -45,12 +49,30 @@ def _json_object(text: Optional[str], flag: str) -> Dict[str, Any]:
     return value
 
 
+def _label_names(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """``--label-names``: the names given, or those in the one file given (a JSON list, or one per line)."""
+    if not values:
+        return None
+    if len(values) != 1 or not Path(values[0]).is_file():
+        return list(values)
+    text = Path(values[0]).read_text()
+    if text.lstrip().startswith('['):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'--label-names {values[0]}: not a JSON list ({e})') from None
+        if not isinstance(names, list):
+            raise ValueError(f'--label-names {values[0]}: expected a JSON list of names')
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         out = export_checkpoint(
             args.checkpoint, args.out_dir, model_name=args.model, model_args=args.model_kwargs, use_ema=not args.no_ema,
             overwrite=args.overwrite, metrics=_json_object(args.metrics, '--metrics'), recipe=args.recipe,
-            repo_id=args.repo_id, tag=args.tag, license=args.license)
+            repo_id=args.repo_id, tag=args.tag, license=args.license, label_names=_label_names(args.label_names))
     except FileExistsError as e:
         raise FileExistsError(f'{e} (--overwrite replaces them)') from None
     print(f'wrote {out}/: ' + ', '.join(EXPORT_FILES))
