@@ -86,6 +86,7 @@ def test_export_folder_contents(exported, static_model):
     # num_classes at the top level only, as transformers needs it; in_chans stays in model_args
     assert config['model_args'] == dict(in_chans=3, wiring='static', router_bias=3.0,
                                         threshold_init=0.0, gate='ste', wiring_seed=0, aggregation='bounded',
+                                        node_budget=None, removal='router',
                                         global_pool='avg')
     assert 'label_names' not in config  # none given: none invented
     cfg = config['pretrained_cfg']

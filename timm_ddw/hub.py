@@ -112,7 +112,8 @@ def ddw_model_args(model: nn.Module, model_args: Optional[Mapping[str, Any]] = N
     stage = next(iter(graph_stages(model).values()))
     recorded = dict(getattr(model, '_model_args', {}))
     args = {k: recorded.get(k, v) for k, v in DDW_DEFAULTS.items()}
-    args.update(wiring=stage.wiring, gate=stage.gate, aggregation=stage.aggregation)
+    args.update(wiring=stage.wiring, gate=stage.gate, aggregation=stage.aggregation, node_budget=stage.node_budget,
+                removal=stage.removal)
     for key in ('wiring', 'gate'):
         if model_args and key in model_args and model_args[key] != args[key]:
             raise ValueError(f'model_args {key}={model_args[key]!r} contradicts the model, whose stages use '
