@@ -1,6 +1,6 @@
 """torchrun worker for tests/test_ddp.py: a DDW model trained the way timm's train.py trains it.
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py --out DIR
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py --out DIR [--node-budget B]
 
 Follows train.py's order on CPU/gloo: ``init_distributed_device``, ``create_model``,
 ``set_grad_checkpointing``, ``convert_sync_batchnorm``, ``ClassificationTask``,
@@ -72,7 +72,11 @@ def make_data(seed: int = 0):
 def build(args, device):
     """Model, task, optimizer exactly in train.py's order."""
     random_seed(0, 0)  # same init on every rank, as train.py's seed + DDP broadcast give
-    model = timm.create_model('ddw_resnet18', num_classes=NUM_CLASSES, in_chans=3)
+    budget = {} if args.node_budget is None else dict(  # routers near 0.5: removal from the first step
+        node_budget=args.node_budget, router_bias=0.0, threshold_init=0.45)
+    model = timm.create_model('ddw_resnet18', num_classes=NUM_CLASSES, in_chans=3, **budget)
+    for stage in timm_ddw.graph_stages(model).values():
+        stage.budget_rate = 0.05  # a few steps must move the thresholds
     model.set_grad_checkpointing(enable=True)
     model.to(device)
     bn_group = dist.new_group(backend='gloo')  # sync-bn reduces on its own group, apart from DDP's buckets
@@ -113,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('--out', required=True)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--node-budget', type=float, default=None)
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -165,6 +170,8 @@ def main() -> None:
             num_bn_left=n_bn, num_sync_bn_in_stages=n_sync_in_stages,
             ddp_find_unused=getattr(ddp, 'find_unused_parameters', None),
             ddp_broadcast_buffers=getattr(ddp, 'broadcast_buffers', None),
+            budget_shifts=[s.budget_shift.tolist() for s in timm_ddw.graph_stages(ddp.module).values()
+                           if s.budget_shift is not None],
         )
         (out / 'result.json').write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

@@ -283,6 +283,10 @@ class RoutingStats:
                 f" | closed {100 * s['closed_share']:.1f}% | nodes removed {100 * s['nodes_removed_share']:.1f}%"
                 f" | strongest {st['from']}->{st['to']} ({st['mean']:.3f})"
                 f" | most variable {mv['from']}->{mv['to']} (std {mv['std']:.3f})")
+            removed = self.stage(name)['node_removed_share']
+            if np.nan_to_num(removed).any():  # node removal (node budgets): how often, node by node
+                lines.append('    removed per node: ' + ', '.join(
+                    f'node {j} {100 * v:.0f}%' for j, v in enumerate(removed) if v > 0))
         return '\n'.join(lines)
 
     def class_counts(self) -> Optional[np.ndarray]:
