@@ -84,6 +84,7 @@ def batch(setup):
         one_class=['train', '--data-dir', f['one'], *TINY],
         train_kwargs_no_equals=['train', '--model-kwargs', 'wiring'],
         shortcut_contradicts=['train', '--wiring', 'static', '--model-kwargs', 'wiring=dynamic'],
+        train_node_budget=['train', *data, *TINY, '--node-budget', '1.5'],
         random_initial=['train', *data, *TINY, '--initial-checkpoint', tmp / 'random.pth.tar'],
         wrong_initial=['train', *data, *TINY, '--initial-checkpoint', tmp / 'five.safetensors'],
         pretrained_offline=['train', *data, *TINY, '--pretrained'],
@@ -128,6 +129,7 @@ ERRORS = {  # case: (command, text of its one error line)
     'one_class': ('train', 'has 1 class sub-folder (cat); training needs at least 2 classes'),
     'train_kwargs_no_equals': ('train', "error: --model-kwargs 'wiring': expected KEY=VALUE, e.g. wiring=static"),
     'shortcut_contradicts': ('train', 'error: --wiring static contradicts --model-kwargs wiring=dynamic'),
+    'train_node_budget': ('train', 'error: ddw_resnet18: node_budget=1.5 must be None (off) or a share of block nodes in (0, 1]'),
     'random_initial': ('train', 'random.pth.tar is not a PyTorch checkpoint or a safetensors file (or it is trunc'),
     'wrong_initial': ('train', 'five.safetensors does not fit ddw_resnet18'),
     'pretrained_offline': ('train', "error: ddw_resnet18: could not load pretrained weights from hf_hub_id="),
@@ -292,3 +294,16 @@ def test_library_takes_plain_arguments():
                         continue
                     assert 'Namespace' not in str(sig), f'timm_ddw.{name}.{attr}{sig}'
     assert not hasattr(importlib.import_module('timm_ddw.train'), 'register_cli')
+
+
+def test_node_budget_flag_fills_the_model_kwargs():
+    import argparse
+
+    from timm_ddw.cli import train as train_cli
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    config = train_cli.config_from_args(parser.parse_args(['train', '--node-budget', '0.6']))
+    assert config.model_kwargs['node_budget'] == 0.6
+    with pytest.raises(ValueError, match='--node-budget 0.5 contradicts --model-kwargs node_budget=0.6'):
+        train_cli.config_from_args(parser.parse_args(['train', '--node-budget', '0.5', '--model-kwargs',
+                                                      'node_budget=0.6']))

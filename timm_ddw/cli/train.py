@@ -14,7 +14,7 @@ from ._common import HelpFormatter, KeyValue, add_flag
 __all__ = ['add_parser', 'config_from_args']
 
 D = TrainConfig()
-SHORTCUTS = ('wiring', 'router_bias', 'threshold_init', 'gate')  # flags that fill model_kwargs
+SHORTCUTS = ('wiring', 'router_bias', 'threshold_init', 'gate', 'node_budget')  # flags that fill model_kwargs
 
 
 def add_parser(subparsers: Any) -> None:
@@ -53,6 +53,9 @@ def add_parser(subparsers: Any) -> None:
     add_flag(g, '--threshold-init', type=float, default=DDW_DEFAULTS['threshold_init'],
              help='shortcut for --model-kwargs threshold_init=...')
     add_flag(g, '--gate', choices=GATES, default=DDW_DEFAULTS['gate'], help='shortcut for --model-kwargs gate=...')
+    add_flag(g, '--node-budget', type=float, default=DDW_DEFAULTS['node_budget'], metavar='SHARE',
+             help='share of block nodes each image should run (e.g. 0.6); the model removes the rest per image '
+                  '(shortcut for --model-kwargs node_budget=...; default: none, nothing removed)')
     add_flag(g, '--num-classes', type=int, default=None, metavar='N',
              help="classifier size (default: the data's classes)")
     add_flag(g, '--pretrained', action='store_true', default=False,
