@@ -67,6 +67,10 @@ def test_budget_off_has_no_extra_state_and_the_twins_keys():
     extra = set(on.state_dict()) - set(off.state_dict())
     assert extra == {f'{name}.budget_shift' for name in timm_ddw.graph_stages(on)}
     assert set(narrow(node_budget=0.6, removal='random').state_dict()) == set(off.state_dict())
+    # a model with a budget removes in eval mode (validate.py, benchmark.py see its speed); one without keeps
+    # today's dense forward
+    assert all(s.skip_closed for s in timm_ddw.graph_stages(on).values())
+    assert not any(s.skip_closed for s in timm_ddw.graph_stages(off).values())
 
 
 def test_a_budget_that_has_removed_nothing_yet_computes_exactly_what_the_model_without_one_computes():
@@ -79,7 +83,7 @@ def test_a_budget_that_has_removed_nothing_yet_computes_exactly_what_the_model_w
         F.cross_entropy(model(x), y).backward()
     for (name, p), q in zip(off.named_parameters(), on.parameters()):
         assert torch.equal(p.grad, q.grad), name
-    off.eval(), on.eval()
+    off.eval(), timm_ddw.set_skip_closed(on.eval(), False)
     with torch.no_grad():
         assert torch.equal(off(x), on(x))
 

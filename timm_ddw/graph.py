@@ -202,7 +202,8 @@ class GraphStage(nn.Module):
         self.num_blocks = n
         self.num_nodes = n + 1  # the blocks and the output node
         self.grad_checkpointing = False
-        self.skip_closed = False
+        # eval-mode removal through _forward_live; on by default for models with a node budget
+        self.skip_closed = node_budget is not None
         self.use_buffer = True
         self.recompute_inputs = True
         # forwards without autograd fold node outputs into later inputs in blocks of this many
