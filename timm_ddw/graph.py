@@ -357,10 +357,25 @@ class GraphStage(nn.Module):
         return sums.input(self.num_blocks, w, self._bound_scale(w))
 
     @torch.jit.unused
+    def _live_route(self, out: torch.Tensor, i: int, thr: torch.Tensor) -> torch.Tensor:
+        """Eval-mode gated weights (B x out-degree) of node i's output edges, Eq. 4-5 in as few
+        operations as they take: at batch 1 these, not the blocks, are most of DDW's cost."""
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        bias, weight = self.router_bias, self.router_weight
+        assert bias is not None
+        pooled = out.mean((2, 3)) if out.dtype == torch.float32 else global_pool(out)
+        if weight is not None:
+            alpha = torch.sigmoid(F.linear(pooled, weight[lo:hi], bias[lo:hi]))
+        else:
+            alpha = torch.sigmoid(bias[lo:hi]).expand(out.shape[0], hi - lo)
+        return alpha * (alpha >= thr[i:])
+
+    @torch.jit.unused
     def _forward_live(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode removal that saves time at any batch size: each node's block runs only on the
         samples for which the node is live (gathered, run, scattered back), on the whole batch when
-        at least ``dense_above`` of it is live, and not at all when none is (batch 1: skip or run).
+        at least ``dense_above`` of it is live, and not at all when none is (batch 1: skip or run,
+        :meth:`_forward_single`).
 
         Node outputs go into one slab (B x nodes x features, zero where a node did not run: its
         output edges are closed, and 0 * garbage may be NaN) and the gated weights into one B x N x N
@@ -368,19 +383,21 @@ class GraphStage(nn.Module):
         number of operations, where the per-node path spends two per edge. Values equal the dense
         forward up to float summation order.
         """
+        if x.shape[0] == 1:
+            return self._forward_single(x)
         n, batch = self.num_blocks, x.shape[0]
-        x0 = self.get_submodule(next(iter(self._modules)))(x)
+        blocks = list(self.children())
+        thr = self._thresholds()
+        x0 = blocks[0](x)
         order = _memory_order(x0)
         inverse = [order.index(d) for d in range(x0.dim())]
         shape = [x0.shape[d] for d in order][1:]
         slab = x0.new_zeros(batch, n, x0[0].numel())
         slab[:, 0] = x0.permute(order).reshape(batch, -1)
-        w0 = self._edge_weights(global_pool(x0), 0, None)
+        w0 = self._live_route(x0, 0, thr)
         adj = w0.new_zeros(batch, n + 1, n + 1)  # adj[b, j, i] = a_ij, as capture_routing records it
         adj[:, 1:, 0] = w0
-        for j, block in enumerate(self.children()):
-            if j == 0:
-                continue
+        for j in range(1, n):
             w = adj[:, j, :j]
             live = self._live(w, j)
             count = int(live.sum())
@@ -391,14 +408,15 @@ class GraphStage(nn.Module):
             src = slab[:, :j] if idx is None else slab[:, :j].index_select(0, idx)
             with torch.autocast(x.device.type, enabled=False):
                 flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), src).squeeze(1)
-            out = block(flat.view([flat.shape[0]] + shape).permute(inverse))
+            out = blocks[j](flat.view([flat.shape[0]] + shape).permute(inverse))
             flat_out = out.permute(order).reshape(out.shape[0], -1)
+            a = self._live_route(out, j, thr)
             if idx is None:
                 slab[:, j] = flat_out
-                adj[:, j + 1:, j] = self._edge_weights(global_pool(out), j, live)
+                adj[:, j + 1:, j] = a if count == batch else a * live.unsqueeze(1)
             else:
                 slab[idx, j] = flat_out.to(slab.dtype)
-                adj[idx, j + 1:, j] = self._edge_weights(global_pool(out), j, None).to(adj.dtype)
+                adj[idx, j + 1:, j] = a.to(adj.dtype)
         if self._captures:
             for captured in self._captures:
                 captured.append(adj.detach().float())
@@ -406,6 +424,50 @@ class GraphStage(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), slab).squeeze(1)
         return flat.view([batch] + shape).permute(inverse)
+
+    @torch.jit.unused
+    def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
+        """The live path at batch 1: every routing decision is a Python number (one read per node),
+        so a removed node costs nothing and a live one its block, its router and one multiply-add
+        per open input edge."""
+        n = self.num_blocks
+        blocks = list(self.children())
+        thr = self._thresholds()
+        rows = [[0.0] * j for j in range(n + 1)]  # rows[j][i] = a_ij
+        outs: List[Optional[torch.Tensor]] = []
+        for j in range(n + 1):
+            if j == 0:
+                out = blocks[0](x)
+            else:
+                w = rows[j]
+                live = any(v != 0.0 for v in w)
+                if self.removal == 'random' and j < n and self.node_budget is not None:
+                    live = bool(torch.rand(1, device=x.device) < self.node_budget) and live
+                if j < n and not live:
+                    outs.append(None)
+                    continue
+                total = sum(w)
+                scale = 1.0 / total if self.bounded and total > 1.0 else 1.0
+                inp: Optional[torch.Tensor] = None
+                for i, v in enumerate(w):
+                    src = outs[i]
+                    if v == 0.0 or src is None:
+                        continue
+                    inp = src * (v * scale) if inp is None else inp.add_(src, alpha=v * scale)
+                if j == n:
+                    y = inp if inp is not None else torch.zeros_like(outs[0])
+                    break
+                out = blocks[j](inp)
+            outs.append(out)
+            for t, v in enumerate(self._live_route(out, j, thr)[0].tolist()):
+                rows[j + 1 + t][j] = v
+        if self._captures:
+            adj = torch.zeros(1, n + 1, n + 1, device=x.device)
+            for j in range(1, n + 1):
+                adj[0, j, :j] = torch.tensor(rows[j])
+            for captured in self._captures:
+                captured.append(adj)
+        return y
 
     @torch.jit.unused
     def _update_budget(self, lives: List[torch.Tensor]) -> None:
