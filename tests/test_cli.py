@@ -129,7 +129,7 @@ ERRORS = {  # case: (command, text of its one error line)
     'one_class': ('train', 'has 1 class sub-folder (cat); training needs at least 2 classes'),
     'train_kwargs_no_equals': ('train', "error: --model-kwargs 'wiring': expected KEY=VALUE, e.g. wiring=static"),
     'shortcut_contradicts': ('train', 'error: --wiring static contradicts --model-kwargs wiring=dynamic'),
-    'train_node_budget': ('train', 'error: ddw_resnet18: node_budget=1.5 must be None (off) or a share of block nodes in (0, 1]'),
+    'train_node_budget': ('train', 'error: ddw_resnet18: node_budget=1.5 must be None (off) or a share of block nodes'),
     'random_initial': ('train', 'random.pth.tar is not a PyTorch checkpoint or a safetensors file (or it is trunc'),
     'wrong_initial': ('train', 'five.safetensors does not fit ddw_resnet18'),
     'pretrained_offline': ('train', "error: ddw_resnet18: could not load pretrained weights from hf_hub_id="),
