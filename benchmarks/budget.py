@@ -25,6 +25,7 @@ twin at batch 1 and 64. ``budget.md`` and ``budget_pareto.png`` are rewritten af
 
     python benchmarks/budget.py --networks long --budgets 0.6        # 9 runs (2 at a time)
     python benchmarks/budget.py --timing                             # on a quiet machine
+    python benchmarks/budget.py --analyse                            # routing reports of the seed-0 models
     python benchmarks/budget.py --report-only
 """
 from __future__ import annotations
@@ -78,10 +79,13 @@ def block_macs(model: torch.nn.Module, img_size: int) -> Tuple[int, List[int]]:
         for j, block in enumerate(stage.children()):
             if 0 < j < stage.num_blocks:
                 hooks.append(block.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape))))
-    model.eval()
+    skip = {s: s.skip_closed for s in timm_ddw.graph_stages(model).values()}
+    timm_ddw.set_skip_closed(model.eval(), False)  # the dense forward: every block runs
     with torch.no_grad():
         with FlopCounterMode(display=False) as fc:
             model(torch.zeros(1, 1, img_size, img_size))
+        for stage, flag in skip.items():
+            stage.skip_closed = flag
         for h in hooks:
             h.remove()
         per_block = []
@@ -248,6 +252,32 @@ def timing(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def analyse(args: argparse.Namespace) -> Dict[str, str]:
+    """The routing report (``timm_ddw.routing``) of every trained seed-0 budget model over the test set:
+    mean, std and closed share of each edge, and how often each node is removed, per class too."""
+    import timm
+    from safetensors.torch import load_file
+
+    from timm_ddw.routing import collect_routing
+    torch.set_num_threads(args.timing_threads)
+    xte, yte = load_split(args.data_dir, 'test', args.test_size, args.img_size)
+    loader = [(xte[i:i + 500], yte[i:i + 500]) for i in range(0, len(xte), 500)]
+    summaries = {}
+    for network in args.networks:
+        for b in args.budgets:
+            name = run_name(network, 'budget', b, 0)
+            if not weights_path(args, name).exists():
+                continue
+            model = timm.create_model('ddw_resnet18', **model_kwargs(network, 'budget', b, 0, args.img_size))
+            model.load_state_dict(load_file(str(weights_path(args, name))))
+            stats = collect_routing(model, loader, progress=False)
+            stats.meta.update(model=name)
+            stats.save(Path(args.out_dir).parent / 'budget_routing' / name, overwrite=True)
+            summaries[name] = stats.text_summary()
+    write_json(Path(args.out_dir).parent / 'budget_routing' / 'summaries.json', summaries)
+    return summaries
+
+
 # ---------------------------------------------------------------------------------------- report
 
 def load_runs(out_dir: Path) -> Dict[Tuple[str, str], List[Dict[str, Any]]]:
@@ -372,6 +402,13 @@ def write_report(out_dir: Path, command: str) -> Path:
                              f"({a['speed_vs_twin_min']:.2f}-{a['speed_vs_twin_max']:.2f}) | {b['median_ms']:.4f} | "
                              f"{b['speed_vs_twin']:.3f} ({b['speed_vs_twin_min']:.2f}-{b['speed_vs_twin_max']:.2f}) |")
         lines.append('')
+    routing = out_dir.parent / 'budget_routing' / 'summaries.json'
+    if routing.exists():
+        lines += ['## Routing of the trained budget models (seed 0, test set)', '',
+                  'The routing report (`timm_ddw.routing`, as `timm-ddw routing` writes it) of each: files in '
+                  '[`budget_routing/`](budget_routing/).', '']
+        for text in json.loads(routing.read_text()).values():
+            lines += ['```', text, '```', '']
     png = plot(by, out_dir.parent / 'budget_pareto.png')
     if png:
         lines += [f'![accuracy against executed MACs]({png.name})', '']
@@ -393,6 +430,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--variants', nargs='+', default=['budget', 'random', 'static'], choices=VARIANTS)
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--timing', action='store_true', help='time the trained seed-0 models against the twin')
+    p.add_argument('--analyse', action='store_true', help='routing report of the trained seed-0 budget models')
     p.add_argument('--report-only', action='store_true')
     p.add_argument('--train-size', type=int, default=60000)
     p.add_argument('--epochs', type=int, default=0, help="0: the network's own (long 8, resnet18 3)")
@@ -422,9 +460,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = recorded_command(out_dir.parent / 'budget.md', 'budget.py', argv, args.report_only or args.timing)
+    command = recorded_command(out_dir.parent / 'budget.md', 'budget.py', argv,
+                               args.report_only or args.timing or args.analyse)
     if args.timing:
         print(json.dumps(timing(args)['networks'], indent=1))
+    elif args.analyse:
+        print('\n'.join(analyse(args).values()))
     elif not args.report_only:
         runs = []
         for seed in args.seeds:

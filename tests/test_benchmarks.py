@@ -168,3 +168,38 @@ def test_blocked_training_bound_times_the_same_sums_both_ways():
     doc = bench.main(['--batch-size', '2', '--channels', '4', '--img-size', '2', '--blocks', '5',
                       '--block-size', '2', '--rounds', '2'])
     assert set(doc['speedup_median']) == {'blocked', 'blocked, reused'} and doc['edges'] == 15
+
+
+@pytest.mark.skipif(not Path('/usr/share/datasets/fashion-mnist').is_dir(), reason='Fashion-MNIST not installed')
+def test_budget_benchmark_tiny_run_writes_every_required_key(tmp_path):
+    budget = _load('budget')
+    out = tmp_path / 'budget'
+    argv = ['--budgets', '0.6', '--seeds', '0', '--train-size', '256', '--epochs', '1', '--max-steps', '2',
+            '--test-size', '200', '--curve-test-size', '200', '--jobs', '1', '--out-dir', str(out)]
+    assert budget.main(argv) == 0
+    runs = sorted(p.name for p in out.glob('*.json'))
+    assert runs == ['long_budget0.6_seed0.json', 'long_random0.6_seed0.json', 'long_static0.6_seed0.json']
+    required = {'network', 'variant', 'node_budget', 'model_args', 'top1', 'top1_live', 'executed_share',
+                'executed_block_share', 'executed_macs', 'dense_macs', 'patterns', 'removal_per_class', 'node_shares',
+                'train_time_s', 'curve', 'env'}
+    recs = {name: json.loads((out / name).read_text()) for name in runs}
+    for rec in recs.values():
+        assert required <= set(rec), required - set(rec)
+    rnd, static = recs['long_random0.6_seed0.json'], recs['long_static0.6_seed0.json']
+    assert rnd['model_args']['removal'] == 'random' and 0.45 < rnd['executed_share'] < 0.75
+    assert rnd['executed_macs'] < rnd['dense_macs'] and rnd['patterns'] > 10
+    # the static network of equal compute: fewer blocks, MACs near the budget's
+    assert sum(static['model_args']['layers']) < 18 and abs(static['macs'] / rnd['executed_macs'] - 1) < 0.15
+    md = (tmp_path / 'budget.md').read_text()
+    assert '## long: stages of [2, 2, 12, 2] blocks' in md and 'budget0.6 vs static0.6' in md
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob('*.json')}
+    assert budget.main(argv) == 0  # a rerun skips finished runs
+    assert {p: p.stat().st_mtime_ns for p in out.glob('*.json')} == mtimes
+    tiny = ['--budgets', '0.6', '--out-dir', str(out), '--timing-rounds', '1', '--timing-images-b1', '2',
+            '--timing-images-b64', '64', '--test-size', '200']
+    assert budget.main(['--timing', *tiny]) == 0
+    timing = json.loads((tmp_path / 'budget_timing.json').read_text())['networks']['long']
+    assert {'twin', 'off', 'budget0.6', 'random0.6', 'static0.6'} == set(timing['batch1']) == set(timing['batch64'])
+    assert budget.main(['--analyse', *tiny]) == 0
+    assert (tmp_path / 'budget_routing' / 'long_budget0.6_seed0' / 'routing.json').exists()
+    assert 'Inference time against the twin' in (tmp_path / 'budget.md').read_text()
