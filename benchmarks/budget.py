@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import recorded_command, run_pending, write_json  # noqa: E402
 from ablation import DATA_DIR, _compare, _stats, load_split, train_run  # noqa: E402
 
+from timm_ddw.data import FASHION_MNIST_CLASSES  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 NETWORKS: Dict[str, Dict[str, Any]] = {
     'long': dict(layers=(2, 2, 12, 2), stem_width=16, channels=(16, 32, 64, 128), epochs=8),
@@ -378,10 +380,10 @@ def write_report(out_dir: Path, command: str) -> Path:
                 if other in groups:
                     d, _, verdict, hw = _compare(groups[tag], groups[other])
                     lines.append(f'| {tag} vs {other} | {d:+.2f} | {d - hw:+.2f} .. {d + hw:+.2f} | {verdict} |')
-        per_class = [(tag, rs) for tag, rs in rows if rs[0].get('removal_per_class')]
+        per_class = [(tag, rs) for tag, rs in rows if rs[0].get('removal_per_class') and rs[0]['executed_share'] < 1]
         if per_class:
-            lines += ['', 'Share of removable block nodes removed, per class (mean over seeds):', '',
-                      '| variant | ' + ' | '.join(str(c) for c in range(10)) + ' |', '|---|' + '---|' * 10]
+            lines += ['', 'Share of removable block nodes removed, per class of the test set (mean over seeds):', '',
+                      '| variant | ' + ' | '.join(FASHION_MNIST_CLASSES) + ' |', '|---|' + '---|' * 10]
             for tag, rs in per_class:
                 vals = np.mean([r['removal_per_class'] for r in rs], 0)
                 lines.append(f'| {tag} | ' + ' | '.join(f'{v:.3f}' for v in vals) + ' |')
