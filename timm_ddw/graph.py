@@ -368,7 +368,7 @@ class GraphStage(nn.Module):
             alpha = torch.sigmoid(F.linear(pooled, weight[lo:hi], bias[lo:hi]))
         else:
             alpha = torch.sigmoid(bias[lo:hi]).expand(out.shape[0], hi - lo)
-        return alpha * (alpha >= thr[i:])
+        return alpha.masked_fill(alpha < thr[i:], 0.0)
 
     @torch.jit.unused
     def _forward_live(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,14 +427,19 @@ class GraphStage(nn.Module):
 
     @torch.jit.unused
     def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
-        """The live path at batch 1: every routing decision is a Python number (one read per node),
-        so a removed node costs nothing and a live one its block, its router and one multiply-add
-        per open input edge."""
+        """The live path at batch 1. Each node's router takes two tensor operations (the pooled sum
+        and one matrix-vector product) and one read; sigmoid, Eq. 5's threshold, the bounded weights
+        and every removal decision are Python arithmetic. A removed node costs nothing; a live one
+        its block, those three operations and one multiply-add per open input edge."""
         n = self.num_blocks
         blocks = list(self.children())
-        thr = self._thresholds()
+        bias, weight = self.router_bias, self.router_weight
+        assert bias is not None
+        thr = self._thresholds().tolist()
+        b = bias.tolist()
         rows = [[0.0] * j for j in range(n + 1)]  # rows[j][i] = a_ij
         outs: List[Optional[torch.Tensor]] = []
+        y = x
         for j in range(n + 1):
             if j == 0:
                 out = blocks[0](x)
@@ -459,8 +464,16 @@ class GraphStage(nn.Module):
                     break
                 out = blocks[j](inp)
             outs.append(out)
-            for t, v in enumerate(self._live_route(out, j, thr)[0].tolist()):
-                rows[j + 1 + t][j] = v
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            if weight is not None:
+                pooled = out.sum((2, 3), dtype=torch.float32)
+                z = torch.mv(weight[lo:hi].float(), pooled[0]).tolist()
+                z = [v / (out.shape[2] * out.shape[3]) + c for v, c in zip(z, b[lo:hi])]
+            else:
+                z = b[lo:hi]
+            for t, v in enumerate(z):
+                alpha = 1.0 / (1.0 + math.exp(-v)) if v > -700 else 0.0
+                rows[j + 1 + t][j] = alpha if alpha >= thr[j + t] else 0.0
         if self._captures:
             adj = torch.zeros(1, n + 1, n + 1, device=x.device)
             for j in range(1, n + 1):
