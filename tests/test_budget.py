@@ -262,3 +262,23 @@ def test_routing_summary_lists_how_often_each_node_is_removed():
     removed = stats.stage('layer3')['node_removed_share']
     assert 0 < removed[1] < 1
     assert f'node 1 {100 * removed[1]:.0f}%' in text, text
+
+
+def test_live_path_never_reads_rows_a_node_did_not_write():
+    """With deterministic algorithms torch fills new memory with NaN: a slab row left unwritten
+    and unzeroed would turn the output into NaN (0 * NaN)."""
+    torch.manual_seed(0)
+    model = set_quantile_thresholds(narrow(layers=(2, 2, 12, 2), router_bias=0.0), torch.randn(64, 1, 32, 32))
+    model.eval()
+    x = torch.randn(64, 1, 32, 32)
+    with torch.no_grad():
+        dense = model(x)
+        timm_ddw.set_skip_closed(model)
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            live = model(x)
+        finally:
+            torch.use_deterministic_algorithms(was)
+    assert torch.isfinite(live).all()
+    torch.testing.assert_close(live, dense, rtol=1e-4, atol=1e-5)

@@ -377,8 +377,8 @@ class GraphStage(nn.Module):
         at least ``dense_above`` of it is live, and not at all when none is (batch 1: skip or run,
         :meth:`_forward_single`).
 
-        Node outputs go into one slab (B x nodes x features, zero where a node did not run: its
-        output edges are closed, and 0 * garbage may be NaN) and the gated weights into one B x N x N
+        Node outputs go into one slab (B x nodes x features, zeroed where a node did not run: its
+        output edges are closed, but 0 * garbage may be NaN) and the gated weights into one B x N x N
         matrix, so a node's inputs are one slice and its sum one batched GEMV: per node a constant
         number of operations, where the per-node path spends two per edge. Values equal the dense
         forward up to float summation order.
@@ -392,7 +392,7 @@ class GraphStage(nn.Module):
         order = _memory_order(x0)
         inverse = [order.index(d) for d in range(x0.dim())]
         shape = [x0.shape[d] for d in order][1:]
-        slab = x0.new_zeros(batch, n, x0[0].numel())
+        slab = x0.new_empty(batch, n, x0[0].numel())  # rows a node does not write are zeroed below
         slab[:, 0] = x0.permute(order).reshape(batch, -1)
         w0 = self._live_route(x0, 0, thr)
         adj = w0.new_zeros(batch, n + 1, n + 1)  # adj[b, j, i] = a_ij, as capture_routing records it
@@ -401,7 +401,8 @@ class GraphStage(nn.Module):
             w = adj[:, j, :j]
             live = self._live(w, j)
             count = int(live.sum())
-            if count == 0:  # removed for the whole batch: slab and output edges stay zero
+            if count == 0:  # removed for the whole batch: output edges stay zero
+                slab[:, j].zero_()
                 continue
             idx = None if count >= self.dense_above * batch else live.nonzero().squeeze(1)
             wa = self._applied(w if idx is None else w.index_select(0, idx))
@@ -415,6 +416,7 @@ class GraphStage(nn.Module):
                 slab[:, j] = flat_out
                 adj[:, j + 1:, j] = a if count == batch else a * live.unsqueeze(1)
             else:
+                slab[:, j].zero_()
                 slab[idx, j] = flat_out.to(slab.dtype)
                 adj[idx, j + 1:, j] = a.to(adj.dtype)
         if self._captures:
