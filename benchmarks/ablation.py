@@ -114,6 +114,22 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: s
     return 100.0 * correct / len(x)
 
 
+def add_recipe_args(p: argparse.ArgumentParser, train_size: Optional[int], epochs: Optional[int],
+                    epochs_help: Optional[str] = None) -> None:
+    """The flags of :func:`train_run`'s recipe, shared by the experiments built on it."""
+    p.add_argument('--train-size', type=int, default=train_size)
+    p.add_argument('--epochs', type=int, default=epochs, help=epochs_help)
+    p.add_argument('--max-steps', type=int, default=0, help='cap on steps per epoch (0: whole subset)')
+    p.add_argument('--test-size', type=int, default=10000)
+    p.add_argument('--curve-test-size', type=int, default=2000)
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--lr', type=float, default=0.1)
+    p.add_argument('--weight-decay', type=float, default=5e-4)
+    p.add_argument('--warmup-epochs', type=int, default=1)
+    p.add_argument('--img-size', type=int, default=32)
+    p.add_argument('--device', default='cpu')
+
+
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> Dict[str, Any]:
     """Train one (variant, seed) and return its record."""
     return dict(variant=variant, **train_run(args, model_kwargs(args, variant, seed), seed)[0])

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import recorded_command, run_pending, write_json  # noqa: E402
-from ablation import DATA_DIR, _compare, _stats, load_split, train_run  # noqa: E402
+from ablation import DATA_DIR, _compare, _stats, add_recipe_args, load_split, train_run  # noqa: E402
 
 from timm_ddw.data import FASHION_MNIST_CLASSES  # noqa: E402
 
@@ -434,17 +434,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--timing', action='store_true', help='time the trained seed-0 models against the twin')
     p.add_argument('--analyse', action='store_true', help='routing report of the trained seed-0 budget models')
     p.add_argument('--report-only', action='store_true')
-    p.add_argument('--train-size', type=int, default=60000)
-    p.add_argument('--epochs', type=int, default=0, help="0: the network's own (long 8, resnet18 3)")
-    p.add_argument('--max-steps', type=int, default=0, help='cap on steps per epoch (0: whole subset)')
-    p.add_argument('--test-size', type=int, default=10000)
-    p.add_argument('--curve-test-size', type=int, default=2000)
-    p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--lr', type=float, default=0.1)
-    p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--warmup-epochs', type=int, default=1)
-    p.add_argument('--img-size', type=int, default=32)
-    p.add_argument('--device', default='cpu')
+    add_recipe_args(p, train_size=60000, epochs=0, epochs_help="0: the network's own (long 8, resnet18 3)")
     p.add_argument('--jobs', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--timing-threads', type=int, default=2)

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import recorded_command, run_pending, write_json  # noqa: E402
-from ablation import DATA_DIR, _compare, _stats, load_split, train_run  # noqa: E402
+from ablation import DATA_DIR, _compare, _stats, add_recipe_args, load_split, train_run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEPTHS: Dict[str, Tuple[int, ...]] = {'shallow': (2, 2, 2, 2), 'long': (2, 2, 12, 2)}
@@ -322,19 +322,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--depths', nargs='+', default=list(DEPTHS), choices=list(DEPTHS))
     p.add_argument('--variants', nargs='+', choices=list(VARIANTS), help='default: the protocol\'s')
     p.add_argument('--seeds', nargs='+', type=int, help='default: the protocol\'s')
-    p.add_argument('--train-size', type=int)
-    p.add_argument('--epochs', type=int)
-    p.add_argument('--max-steps', type=int, default=0, help='cap on steps per epoch (0: whole subset)')
-    p.add_argument('--test-size', type=int, default=10000)
-    p.add_argument('--curve-test-size', type=int, default=2000)
-    p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--lr', type=float, default=0.1)
-    p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--warmup-epochs', type=int, default=1)
+    add_recipe_args(p, train_size=None, epochs=None)
     p.add_argument('--stem-width', type=int, default=16)
     p.add_argument('--channels', nargs=4, type=int, default=[16, 32, 64, 128])
-    p.add_argument('--img-size', type=int, default=32)
-    p.add_argument('--device', default='cpu')
     p.add_argument('--jobs', type=int)
     p.add_argument('--threads', type=int)
     p.add_argument('--latency-images', type=int, default=200)

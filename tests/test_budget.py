@@ -209,11 +209,15 @@ def test_live_path_equals_the_dense_forward(name, kwargs, size, batch):
         assert any(0 < s < batch for s in seen), 'blocks ran on the live samples only'
 
 
-def test_live_path_in_bfloat16_equals_the_dense_forward():
+def mixed_long_model():
+    """The depth ablation's long network with mixed live patterns, and a batch of 64."""
     torch.manual_seed(0)
     model = set_quantile_thresholds(narrow(layers=(2, 2, 12, 2), router_bias=0.0), torch.randn(64, 1, 32, 32))
-    model.eval()
-    x = torch.randn(64, 1, 32, 32)
+    return model.eval(), torch.randn(64, 1, 32, 32)
+
+
+def test_live_path_in_bfloat16_equals_the_dense_forward():
+    model, x = mixed_long_model()
     with torch.no_grad():
         ref = model(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -267,10 +271,7 @@ def test_routing_summary_lists_how_often_each_node_is_removed():
 def test_live_path_never_reads_rows_a_node_did_not_write():
     """With deterministic algorithms torch fills new memory with NaN: a slab row left unwritten
     and unzeroed would turn the output into NaN (0 * NaN)."""
-    torch.manual_seed(0)
-    model = set_quantile_thresholds(narrow(layers=(2, 2, 12, 2), router_bias=0.0), torch.randn(64, 1, 32, 32))
-    model.eval()
-    x = torch.randn(64, 1, 32, 32)
+    model, x = mixed_long_model()
     with torch.no_grad():
         dense = model(x)
         timm_ddw.set_skip_closed(model)
