@@ -123,6 +123,11 @@ def weighted_sum_loop(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is (the live path counts its operations)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _out_channels(block: nn.Module) -> int:
     """Channels a timm block emits: the width of its last normalisation layer."""
     widths = [m.num_features if isinstance(m, nn.modules.batchnorm._NormBase) else m.num_channels
@@ -400,7 +405,7 @@ class GraphStage(nn.Module):
         for j in range(1, n):
             w = adj[:, j, :j]
             live = self._live(w, j)
-            count = int(live.sum())
+            count = int(live.count_nonzero())
             if count == 0:  # removed for the whole batch: output edges stay zero
                 slab[:, j].zero_()
                 continue
@@ -408,23 +413,23 @@ class GraphStage(nn.Module):
             wa = self._applied(w if idx is None else w.index_select(0, idx))
             src = slab[:, :j] if idx is None else slab[:, :j].index_select(0, idx)
             with torch.autocast(x.device.type, enabled=False):
-                flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), src).squeeze(1)
+                flat = torch.bmm(_as(wa, slab.dtype).unsqueeze(1), src).squeeze(1)
             out = blocks[j](flat.view([flat.shape[0]] + shape).permute(inverse))
             flat_out = out.permute(order).reshape(out.shape[0], -1)
             a = self._live_route(out, j, thr)
             if idx is None:
                 slab[:, j] = flat_out
-                adj[:, j + 1:, j] = a if count == batch else a * live.unsqueeze(1)
+                adj[:, j + 1:, j] = a if count == batch else a.masked_fill(~live.unsqueeze(1), 0.0)
             else:
                 slab[:, j].zero_()
-                slab[idx, j] = flat_out.to(slab.dtype)
-                adj[idx, j + 1:, j] = a.to(adj.dtype)
+                slab[idx, j] = _as(flat_out, slab.dtype)
+                adj[idx, j + 1:, j] = _as(a, adj.dtype)
         if self._captures:
             for captured in self._captures:
                 captured.append(adj.detach().float())
         wa = self._applied(adj[:, n, :n])
         with torch.autocast(x.device.type, enabled=False):
-            flat = torch.bmm(wa.to(slab.dtype).unsqueeze(1), slab).squeeze(1)
+            flat = torch.bmm(_as(wa, slab.dtype).unsqueeze(1), slab).squeeze(1)
         return flat.view([batch] + shape).permute(inverse)
 
     @torch.jit.unused
