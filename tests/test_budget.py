@@ -283,3 +283,21 @@ def test_live_path_never_reads_rows_a_node_did_not_write():
             torch.use_deterministic_algorithms(was)
     assert torch.isfinite(live).all()
     torch.testing.assert_close(live, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_budget_model_loads_with_its_budget_and_thresholds(tmp_path):
+    from timm_ddw.hub import export_folder
+    model = narrow(node_budget=0.6, router_bias=0.0, threshold_init=0.45)
+    for stage in timm_ddw.graph_stages(model).values():
+        stage.budget_rate = 0.05
+    train_steps(model, 3)
+    model.eval()
+    export_folder(model, tmp_path / 'out')
+    config = __import__('json').loads((tmp_path / 'out' / 'config.json').read_text())
+    assert config['model_args']['node_budget'] == 0.6 and config['model_args']['removal'] == 'router'
+    loaded = timm.create_model('local-dir:' + str(tmp_path / 'out'), pretrained=True).eval()
+    for a, b in zip(timm_ddw.graph_stages(model).values(), timm_ddw.graph_stages(loaded).values()):
+        assert torch.equal(a.budget_shift, b.budget_shift) and b.skip_closed
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
