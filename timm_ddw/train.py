@@ -61,8 +61,8 @@ CHECKPOINT = 'last.pth.tar'
 class TrainConfig:
     """The recipe of one run; field names are timm train.py's flags (``--data-dir``, ``--model-kwargs``, ...).
 
-    The defaults are the main job: ddw_resnet18 on Fashion-MNIST at 32 px for 3 epochs, about
-    10 minutes on 2 CPU cores.
+    The defaults are the main job: ddw_resnet18 on Fashion-MNIST at 32 px for 3 epochs (README's
+    quick start gives its measured time on an idle 2-core CPU).
     """
     # data
     data_dir: Optional[str] = None  # image folder with train/ and val/ class sub-folders; None: Fashion-MNIST
@@ -100,7 +100,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = 'float16'
     channels_last: bool = False
-    threads: int = 1  # torch CPU threads (0: torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default, one per core; 1 for bitwise-repeatable CPU runs)
     output: Optional[str] = None  # report folder; None: ./output/<time>-<model>-<dataset>
     resume: Optional[str] = None  # a last.pth.tar to continue from (see from_checkpoint)
     smoke_test: bool = False  # set by quick(): the output says the run tests the pipeline, not the model
@@ -437,7 +437,8 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
             t0, cpu0 = time.perf_counter(), cpu_seconds()
             step, loss_sum, seen = _train_one_epoch(
                 c, model, loader_train, steps_per_epoch, step, optimizer, scheduler, warmup_steps, loss_fn, model_ema,
-                loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress)
+                loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress,
+                steps_left=total_steps - step if epoch == start_epoch else 0)
             train_time, train_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             last = epoch == c.epochs - 1
             ev = evaluate(model, loader_val, device, autocast, routing=last and model_ema is None, progress=progress,
@@ -505,11 +506,14 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
 
 def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step: int, optimizer, scheduler,
                      warmup_steps: int, loss_fn: nn.Module, model_ema: Optional[ModelEmaV3], loss_scaler, autocast,
-                     should_stop: Callable[[], bool], desc: str, progress: bool) -> Tuple[int, float, int]:
+                     should_stop: Callable[[], bool], desc: str, progress: bool,
+                     steps_left: int = 0) -> Tuple[int, float, int]:
     """``steps`` optimizer steps from update ``step`` on; returns the new step count, the summed loss
-    and the images seen."""
+    and the images seen. With ``steps_left``, the run's expected training time is printed once it
+    has been measured (steps 3 to 20: the first steps allocate)."""
     model.train()
     t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+    t_pace = t0
     bar = tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True)
     for i, (x, y) in enumerate(loader):
         if i >= steps:
@@ -537,10 +541,23 @@ def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step:
         loss_sum += loss.item() * y.shape[0]
         seen += y.shape[0]
         bar.update(1)
+        if steps_left and i + 1 == _PACE_FROM:
+            t_pace = time.perf_counter()
+        elif steps_left and i + 1 == _PACE_TO:
+            per_step = (time.perf_counter() - t_pace) / (_PACE_TO - _PACE_FROM)
+            tqdm.write(f'expected: about {_minutes(per_step * steps_left)} of training for the {steps_left} steps '
+                       f'left ({per_step:.2f} s/step over steps {_PACE_FROM + 1}-{_PACE_TO}), plus evaluation')
         bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
                         img_s=f'{seen / (time.perf_counter() - t0):.0f}')
     bar.close()
     return step, loss_sum, seen
+
+
+_PACE_FROM, _PACE_TO = 2, 20  # the steps that time the pace of a run
+
+
+def _minutes(seconds: float) -> str:
+    return f'{seconds:.0f} s' if seconds < 90 else f'{seconds / 60:.0f} min'
 
 
 def _resume(path: str, checkpoint: Dict[str, Any], model: nn.Module, model_ema: Optional[ModelEmaV3], optimizer,

@@ -96,8 +96,8 @@ def add_parser(subparsers: Any) -> None:
     add_flag(g, '--amp-dtype', choices=('float16', 'bfloat16'), default=D.amp_dtype, help='autocast dtype on CUDA')
     add_flag(g, '--channels-last', action='store_true', default=False, help='channels-last memory layout')
     add_flag(g, '--threads', type=int, default=D.threads, metavar='N',
-             help='torch CPU threads (0: torch default). One by default: on a busy 2-core machine two threads ran '
-                  '11x slower per image than one')
+             help="torch CPU threads (default 0: torch's default, one per core). A run repeats bit for bit at the "
+                  'same count; different counts differ in the last bits (--threads 1 was the default before)')
     add_flag(g, '--output', default=None, metavar='DIR',
              help='report folder; one that already holds files is kept and DIR-1, DIR-2, ... is used instead; '
                   '(default: ./output/<time>-<model>-<dataset>)')
