@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['environment', 'recorded_command', 'run_pending', 'source_commit', 'write_json']
+__all__ = ['environment', 'load_note', 'recorded_command', 'run_pending', 'source_commit', 'write_json']
 
 
 def source_commit() -> Optional[str]:
@@ -36,7 +36,17 @@ def source_commit() -> Optional[str]:
 def environment(device: str, threads: int, jobs: int) -> Dict[str, Any]:
     import timm
     return dict(device=device, threads=threads, jobs=jobs, torch=torch.__version__, timm=timm.__version__,
-                python=platform.python_version(), host_cpus=os.cpu_count(), commit=source_commit())
+                python=platform.python_version(), host_cpus=os.cpu_count(), commit=source_commit(),
+                load_average=list(os.getloadavg()))  # 1, 5, 15 min when the record is written
+
+
+def load_note(envs: Sequence[Dict[str, Any]]) -> str:
+    """How busy the machine was, as far as the records say (the load average came into them on 2026-12-03)."""
+    loads = [e['load_average'][1] for e in envs if e.get('load_average')]
+    if not loads:
+        return 'machine load not recorded'
+    return (f'5-min load average {min(loads):.1f}-{max(loads):.1f} when the runs ended '
+            f'({len(loads)} of {len(envs)} runs)')
 
 
 def write_json(path: Path, record: Dict[str, Any]) -> Path:

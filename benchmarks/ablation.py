@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm_ddw.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import environment, recorded_command, run_pending, write_json  # noqa: E402
+from _runs import environment, load_note, recorded_command, run_pending, write_json  # noqa: E402
 
 DATA_DIR = str(FASHION_MNIST_DIR)
 MEAN, STD = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
@@ -307,8 +307,8 @@ def write_report(out_dir: Path, paper: Dict[str, Any], command: str) -> Tuple[Pa
             f"(28x28 zero-padded), random flip + 2 px shift, SGD momentum 0.9 lr {b['lr']} (cosine, "
             f"{b['warmup_epochs']} warm-up epoch), weight decay {b['weight_decay']}; top-1 on {b['test_size']} "
             f"test images after the last epoch. Device: {r0['env']['device']}, {r0['env']['threads']} thread(s) per "
-            f"run, {r0['env']['jobs']} run(s) in parallel on a {r0['env']['host_cpus']}-core machine shared with "
-            f"other work, so times are indicative only. Sum of run times: "
+            f"run, {r0['env']['jobs']} run(s) in parallel on a {r0['env']['host_cpus']}-core machine "
+            f"({load_note([r['env'] for r in recs])}), so times are indicative only. Sum of run times: "
             f"{sum(r['total_time_s'] for r in recs) / 60:.0f} min for {len(recs)} runs.",
             'MACs: one 1x1x32x32 forward counted by `torch.utils.flop_counter.FlopCounterMode` (convolutions and '
             'matrix products, /2); element-wise sums of the graph aggregation are not counted, as in the paper.', '']

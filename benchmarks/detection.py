@@ -11,8 +11,8 @@ Paired design: for each seed, both variants start from the same weights for ever
 (the chain detector's initial state dict is loaded into the DDW one; only routers and thresholds
 are extra) and see the same images in the same order, so the per-seed difference measures wiring.
 
-CPU default (10 runs, 2 at a time: 40-55 min on 2 cores shared with other work, from a trial at
-1.05-1.4 s per step; see the results file for the measured time): the narrow ResNet-18 of
+CPU default (10 runs, 2 at a time: about 20 min of wall time and 39 min of summed run time on 2
+cores, measured 2026-12-01; the results file has the sum): the narrow ResNet-18 of
 ``benchmarks/ablation.py`` (stem 16, widths 16/32/64/128, 3 blocks per stage, so each stage is a
 4-node graph), grey 128x128 canvases, FPN 64 channels, a 256-wide box head, 64 RoIs and 128
 anchors sampled per image, 3,200 training images seen once (400 steps of batch 8), SGD lr 0.02 with a
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import environment, recorded_command, run_pending, write_json  # noqa: E402
+from _runs import environment, load_note, recorded_command, run_pending, write_json  # noqa: E402
 
 VARIANTS = {'chain': 'chain', 'dynamic': 'dynamic', 'static': 'static'}  # name -> wiring
 ROUTING_KEYS = ('router_weight', 'router_bias', 'tau')
@@ -268,7 +268,8 @@ def write_report(out_dir: Path, paper: Dict[str, Any], command: str, trial: bool
             "anchors sampled per image; trained from scratch with live batch norm (no Fashion-MNIST-pretrained "
             "backbone exists; the paper fine-tunes ImageNet-trained backbones with frozen BN).",
             f"Device: {r0['env']['device']}, {r0['env']['threads']} thread(s) per run, {r0['env']['jobs']} run(s) "
-            f"in parallel on a {r0['env']['host_cpus']}-core machine shared with other work. Sum of run times: "
+            f"in parallel on a {r0['env']['host_cpus']}-core machine ({load_note([r['env'] for r in recs])}). "
+            "Sum of run times: "
             f"{sum(r['train_time_s'] + r['eval_time_s'] for r in recs) / 60:.0f} min for {len(recs)} runs. Code: "
             + ', '.join(sorted({f"`{r['env'].get('commit') or 'unknown'}`" for r in recs})) + '.', '']
     lines += ['| variant | seeds | params | backbone+FPN MACs (M) | AP | AP50 | AP75 | APs | APm | '

@@ -105,6 +105,27 @@ def test_quick_run_says_it_is_a_smoke_test_and_warns_nothing(quick_run):
 
 
 @needs_fmnist
+def test_default_uses_torch_threads_and_prints_the_expected_time(tmp_path, monkeypatch):
+    """The default leaves torch's thread count (one per core) alone; ``--threads N`` sets it and the
+    caller's count comes back afterwards. Once 20 steps are timed, the run says how long it will take."""
+    assert TrainConfig().threads == 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            metrics = train(TrainConfig.quick(output=str(tmp_path / 'a'), max_steps=24, train_subset=24 * 32),
+                            progress=False)
+        assert metrics['threads'] == 2 and torch.get_num_threads() == 2
+        line = [x for x in stdout.getvalue().splitlines() if x.startswith('expected: about ')]
+        assert len(line) == 1 and 'of training for the 4 steps left' in line[0], stdout.getvalue()
+        metrics = train(TrainConfig.quick(output=str(tmp_path / 'b'), threads=1), progress=False)
+        assert metrics['threads'] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_fmnist
 def test_reported_accuracy_and_routing_match_the_exported_weights(quick_run):
     """Recompute top-1 and the routing summary from model/ with independent preprocessing."""
     out, metrics, routing, _, _ = quick_run

@@ -544,9 +544,9 @@ def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step:
         if steps_left and i + 1 == _PACE_FROM:
             t_pace = time.perf_counter()
         elif steps_left and i + 1 == _PACE_TO:
-            per_step = (time.perf_counter() - t_pace) / (_PACE_TO - _PACE_FROM)
-            tqdm.write(f'expected: about {_minutes(per_step * steps_left)} of training for the {steps_left} steps '
-                       f'left ({per_step:.2f} s/step over steps {_PACE_FROM + 1}-{_PACE_TO}), plus evaluation')
+            per_step, left = (time.perf_counter() - t_pace) / (_PACE_TO - _PACE_FROM), steps_left - _PACE_TO
+            tqdm.write(f'expected: about {_minutes(per_step * left)} of training for the {left} steps left '
+                       f'({per_step:.2f} s/step over steps {_PACE_FROM + 1}-{_PACE_TO}), plus evaluation')
         bar.set_postfix(loss=f'{loss_sum / seen:.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}',
                         img_s=f'{seen / (time.perf_counter() - t0):.0f}')
     bar.close()

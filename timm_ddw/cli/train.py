@@ -22,7 +22,8 @@ def add_parser(subparsers: Any) -> None:
         'train', help='train and evaluate a DDW model on Fashion-MNIST or an image folder',
         description='Train and evaluate a DDW model with timm\'s library pieces, then write a report folder '
                     '(last.pth.tar after every epoch, model/model.safetensors, routing.json and heatmaps, '
-                    'metrics.json). Flags are timm train.py\'s. The defaults take about 10 minutes on 2 CPU cores. '
+                    'metrics.json). Flags are timm train.py\'s. The defaults take about 4 minutes on an idle 2-core '
+                    'CPU. '
                     'Ctrl-C stops after the current step and says how to --resume.',
         formatter_class=HelpFormatter)
     g = p.add_argument_group('data')
