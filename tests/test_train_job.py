@@ -285,6 +285,22 @@ def test_config_checks(tmp_path):
         train(TrainConfig(model='resnet18'))
     with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
         train(TrainConfig(device='gpu'))
+    with pytest.raises(ValueError, match="torchcompile='inductr' is not a torch.compile backend"):
+        train(TrainConfig(torchcompile='inductr'))
+
+
+@needs_fmnist
+def test_torchcompile_trains_the_compiled_forward(tmp_path):
+    """--torchcompile as timm's train.py: the training forward goes through torch.compile (here the
+    aot_eager backend, seconds instead of inductor's minutes) and the run matches the eager one."""
+    runs = {}
+    for backend in (None, 'aot_eager'):
+        torch._dynamo.reset()
+        runs[backend] = train(TrainConfig.quick(output=str(tmp_path / str(backend)), torchcompile=backend,
+                                                max_steps=4), progress=False)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > 0
+    assert runs['aot_eager']['history'][0]['train_loss'] == pytest.approx(runs[None]['history'][0]['train_loss'],
+                                                                          rel=1e-4)
     with pytest.raises(ValueError, match='num_classes=1: the data has 2 classes'):
         train(tiny(tmp_path, num_classes=1), progress=False)
     with pytest.raises(ValueError, match="wiring='foo' is not one of"):

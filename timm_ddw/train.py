@@ -100,6 +100,8 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = 'float16'
     channels_last: bool = False
+    torchcompile: Optional[str] = None  # torch.compile backend for the training and evaluation forwards ('inductor')
+    torchcompile_mode: Optional[str] = None
     threads: int = 0  # torch CPU threads (0: torch's default, one per core; 1 for bitwise-repeatable CPU runs)
     output: Optional[str] = None  # report folder; None: ./output/<time>-<model>-<dataset>
     resume: Optional[str] = None  # a last.pth.tar to continue from (see from_checkpoint)
@@ -171,6 +173,9 @@ def _check_config(c: TrainConfig) -> None:
         raise ValueError(f"amp_dtype={c.amp_dtype!r} is not 'float16' or 'bfloat16'")
     if not 0.0 <= c.model_ema_decay < 1.0:
         raise ValueError(f'model_ema_decay={c.model_ema_decay}: must be in [0, 1)')
+    if c.torchcompile is not None and c.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f'torchcompile={c.torchcompile!r} is not a torch.compile backend: '
+                         f'{", ".join(torch._dynamo.list_backends())}')
     if c.resume and (c.pretrained or c.initial_checkpoint):
         raise ValueError('resume continues from its checkpoint\'s weights: drop pretrained / initial_checkpoint')
 
@@ -393,6 +398,9 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
                                        updates_per_epoch=steps_per_epoch)
     loss_fn = (LabelSmoothingCrossEntropy(c.smoothing) if c.smoothing > 0 else nn.CrossEntropyLoss()).to(device)
     model_ema = ModelEmaV3(model, decay=c.model_ema_decay, use_warmup=c.model_ema_warmup) if c.model_ema else None
+    # as timm's train.py --torchcompile: the model's forward is compiled; weights, EMA, checkpoints and
+    # the routing capture (forward hooks) keep working on the eager module, which shares its parameters
+    compiled = torch.compile(model, backend=c.torchcompile, mode=c.torchcompile_mode) if c.torchcompile else model
 
     amp_dtype = torch.bfloat16 if (c.amp_dtype == 'bfloat16' or device.type != 'cuda') else torch.float16
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if c.amp else nullcontext
@@ -436,13 +444,15 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
             random_seed(c.seed + epoch)  # the epoch's data order and augmentation, also after a resume
             t0, cpu0 = time.perf_counter(), cpu_seconds()
             step, loss_sum, seen = _train_one_epoch(
-                c, model, loader_train, steps_per_epoch, step, optimizer, scheduler, warmup_steps, loss_fn, model_ema,
-                loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress,
+                c, model, compiled, loader_train, steps_per_epoch, step, optimizer, scheduler, warmup_steps, loss_fn,
+                model_ema, loss_scaler, autocast, should_stop, desc=f'epoch {epoch + 1}/{c.epochs}', progress=progress,
                 steps_left=total_steps - step if epoch == start_epoch else 0)
             train_time, train_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
             last = epoch == c.epochs - 1
-            ev = evaluate(model, loader_val, device, autocast, routing=last and model_ema is None, progress=progress,
-                          class_names=classes, channels_last=c.channels_last, should_stop=should_stop)
+            capture = last and model_ema is None
+            ev = evaluate(model if capture else compiled, loader_val, device, autocast, routing=capture,
+                          progress=progress, class_names=classes, channels_last=c.channels_last,
+                          should_stop=should_stop)
             record = dict(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), train_img_per_s=seen / train_time,
                           train_time_s=train_time, train_cpu_s=train_cpu, steps=step,
                           lr=optimizer.param_groups[0]['lr'], val_top1=ev['top1'], val_top5=ev['top5'],
@@ -504,13 +514,14 @@ def _train(c: TrainConfig, should_stop: Callable[[], bool], progress: bool) -> D
     return metrics
 
 
-def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step: int, optimizer, scheduler,
-                     warmup_steps: int, loss_fn: nn.Module, model_ema: Optional[ModelEmaV3], loss_scaler, autocast,
-                     should_stop: Callable[[], bool], desc: str, progress: bool,
+def _train_one_epoch(c: TrainConfig, model: nn.Module, forward: nn.Module, loader, steps: int, step: int, optimizer,
+                     scheduler, warmup_steps: int, loss_fn: nn.Module, model_ema: Optional[ModelEmaV3], loss_scaler,
+                     autocast, should_stop: Callable[[], bool], desc: str, progress: bool,
                      steps_left: int = 0) -> Tuple[int, float, int]:
     """``steps`` optimizer steps from update ``step`` on; returns the new step count, the summed loss
-    and the images seen. With ``steps_left``, the run's expected training time is printed once it
-    has been measured (steps 3 to 20: the first steps allocate)."""
+    and the images seen. ``forward`` is ``model`` or its compiled version. With ``steps_left``, the
+    run's expected training time is printed once it has been measured (steps 3 to 20: the first
+    steps allocate, and compiling happens in the first)."""
     model.train()
     t0, loss_sum, seen = time.perf_counter(), 0.0, 0
     t_pace = t0
@@ -524,7 +535,7 @@ def _train_one_epoch(c: TrainConfig, model: nn.Module, loader, steps: int, step:
             for g in optimizer.param_groups:
                 g['lr'] = c.lr * (step + 1) / warmup_steps
         with autocast():
-            loss = loss_fn(model(_to_input(x, c.channels_last)), y)
+            loss = loss_fn(forward(_to_input(x, c.channels_last)), y)
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
             loss_scaler(loss, optimizer, parameters=model.parameters())

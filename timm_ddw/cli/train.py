@@ -96,6 +96,11 @@ def add_parser(subparsers: Any) -> None:
              help='mixed precision (float16 with loss scaling on CUDA, bfloat16 on CPU)')
     add_flag(g, '--amp-dtype', choices=('float16', 'bfloat16'), default=D.amp_dtype, help='autocast dtype on CUDA')
     add_flag(g, '--channels-last', action='store_true', default=False, help='channels-last memory layout')
+    add_flag(g, '--torchcompile', nargs='?', const='inductor', default=D.torchcompile, metavar='BACKEND',
+             help="torch.compile the model's forward with this backend, as timm's train.py (--torchcompile alone: "
+                  'inductor; minutes of compiling on a CPU before the first step)')
+    add_flag(g, '--torchcompile-mode', default=D.torchcompile_mode, metavar='MODE',
+             help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...)")
     add_flag(g, '--threads', type=int, default=D.threads, metavar='N',
              help="torch CPU threads (default 0: torch's default, one per core). A run repeats bit for bit at the "
                   'same count; different counts differ in the last bits (--threads 1 was the default before)')
