@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['environment', 'load_note', 'recorded_command', 'run_pending', 'source_commit', 'write_json']
+__all__ = ['environment', 'load_note', 'recorded_command', 'run_pending', 'source_commit', 't_975', 'write_json']
 
 
 def source_commit() -> Optional[str]:
@@ -47,6 +47,11 @@ def load_note(envs: Sequence[Dict[str, Any]]) -> str:
         return 'machine load not recorded'
     return (f'5-min load average {min(loads):.1f}-{max(loads):.1f} when the runs ended '
             f'({len(loads)} of {len(envs)} runs)')
+
+
+def t_975(dof: int) -> float:
+    """Two-sided 5% critical value of Student's t (2.0 beyond 9 degrees of freedom, a slight overstatement)."""
+    return {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}.get(dof, 2.0)
 
 
 def write_json(path: Path, record: Dict[str, Any]) -> Path:

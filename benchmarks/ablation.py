@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm_ddw.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import environment, load_note, recorded_command, run_pending, write_json  # noqa: E402
+from _runs import environment, load_note, recorded_command, run_pending, t_975, write_json  # noqa: E402
 
 DATA_DIR = str(FASHION_MNIST_DIR)
 MEAN, STD = FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0]
@@ -233,8 +233,7 @@ def _compare(a: List[float], b: List[float]) -> Tuple[float, float, str, float]:
     se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
     t = diff / se if se > 0 else float('inf') * np.sign(diff)
     # two-sided 5% critical value of Student's t with the smaller sample's dof (conservative)
-    crit = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-    c = crit.get(min(len(a), len(b)) - 1, 2.0)
+    c = t_975(min(len(a), len(b)) - 1)
     if abs(t) > c:
         verdict = 'exceeds the seed spread'
     elif abs(diff) > max(sa, sb):
