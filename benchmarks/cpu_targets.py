@@ -150,8 +150,19 @@ def write_report() -> Path:
                               f"{mode} | {gb[0]:.1f} / {gb[1]:.1f} | {gb[0] / bw['gbs']:.2f} / {gb[1] / bw['gbs']:.2f} "
                               f"| {diff:.2f} |")
     path = HERE / 'results' / 'cpu_targets.md'
-    path.write_text('\n'.join(head + [''] + rows + limits) + '\n')
+    path.write_text('\n'.join(head + [''] + rows + limits + compiled_rows()) + '\n')
     return path
+
+
+def compiled_rows() -> List[str]:
+    """The compiled targets for all nine models: compiled.py's table, where it has been run."""
+    md = HERE / 'results' / 'compiled.md'
+    if not md.exists():
+        return []
+    table = [line for line in md.read_text().splitlines() if line.startswith('|')]
+    return ['', '## Compiled (inductor), all nine models, batch 8, 128 px', '',
+            'From [`compiled.md`](compiled.md) (`python benchmarks/compiled.py`: cold compile times in fresh '
+            'processes, 5 interleaved rounds; method and machine there).', ''] + table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,12 +3,13 @@
 For ddw_resnet50, ddw_resnet101, ddw_regnetx_1600m and ddw_efficientnet_b0 against their twins, at
 batch 128, 224 px, channels_last, under bfloat16 autocast and under float16 autocast with a
 GradScaler, eager and ``torch.compile``-d: training-step and inference throughput (interleaved
-rounds, median), peak memory (``torch.cuda.max_memory_allocated``), the DDW/twin ratios, and
-whether every loss and logit is finite. Then the blocked-sum inference path (CPU-only in the
-library) is timed once on the GPU against the per-node sums, to decide whether it should stay
-CPU-only. Cells run in priority order (eager bfloat16 first, compiled float16 last) under a time
-budget; a cell that would start past it is recorded as skipped, so the command ends in time and
-says what it did not measure.
+rounds, median), peak memory (``torch.cuda.max_memory_allocated``), the DDW/twin ratios,
+whether every loss and logit is finite, and each model's first call (compiled: the compilation; the
+twin compiles first, so the DDW model finds the kernels they share cached). Then the blocked-sum
+inference path (CPU-only in the library) is timed once on the GPU against the per-node sums, to
+decide whether it should stay CPU-only. Cells run in priority order (eager bfloat16 first,
+compiled float16 last) under a time budget; a cell that would start past it is recorded as
+skipped, so the command ends in time and says what it did not measure.
 
     python benchmarks/gpu_check.py                  # about 8 minutes on one GPU; one JSON
     python benchmarks/gpu_check.py --smoke          # seconds on CPU: every code path, tiny sizes (CI)
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import environment, write_json  # noqa: E402
-from speed import Bench, cuda_peak_mib, throughput  # noqa: E402
+from speed import Bench, _sync, cuda_peak_mib, throughput  # noqa: E402
 
 import timm_ddw  # noqa: E402
 import timm_ddw.graph as graph  # noqa: E402
@@ -66,9 +67,13 @@ def run_cell(args: argparse.Namespace, device: torch.device, model: str, amp: st
     # 10x per block in eval mode (1e29 at the head, NaN under bfloat16 with one thread), twin and DDW
     # alike. That would test timm's initialisation, not DDW.
     for mode in sorted(args.modes, key=['infer', 'train'].index):
-        finite = {}
+        finite, first_s = {}, {}
         for name, b in benches.items():  # also the warm-up (and, compiled, the compilation)
-            finite[name] = all(_finite(b.step(mode)) for _ in range(args.warmup))
+            t = time.perf_counter()
+            first = _finite(b.step(mode))
+            _sync(device)
+            first_s[name] = time.perf_counter() - t
+            finite[name] = first and all(_finite(b.step(mode)) for _ in range(args.warmup - 1))
         rounds: Dict[str, List[float]] = {name: [] for name in benches}
         for r in range(args.rounds):
             for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
@@ -79,7 +84,7 @@ def run_cell(args: argparse.Namespace, device: torch.device, model: str, amp: st
             img_s={name: statistics.median(v) for name, v in rounds.items()},
             ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
             peak_mib=peak, memory_ratio=None if peak['twin'] is None else peak['ddw'] / peak['twin'],
-            finite=finite)
+            finite=finite, first_call_s=first_s)
     cell['seconds'] = time.perf_counter() - t0
     return cell
 

@@ -93,6 +93,8 @@ class Bench:
         kw = dict(features_only=True) if args.features_only else dict(num_classes=1000)
         if name.startswith('ddw_') and args.aggregation:
             kw['aggregation'] = args.aggregation
+        if name.startswith('ddw_') and getattr(args, 'wiring', None):
+            kw['wiring'] = args.wiring
         self.model = timm.create_model(name, **kw).to(device)
         self.model.set_grad_checkpointing(args.grad_checkpointing)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -215,6 +217,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--grad-checkpointing', action='store_true', help='model.set_grad_checkpointing()')
     p.add_argument('--aggregation', default=None, choices=list(graph.AGGREGATIONS),
                    help="the DDW model's aggregation (default: the library's, 'bounded')")
+    p.add_argument('--wiring', default=None, choices=list(graph.WIRINGS),
+                   help="the DDW model's wiring (default 'dynamic'; 'static': the sums without routers)")
     p.add_argument('--features-only', action='store_true', help='timm features_only models (default feature_cls)')
     p.add_argument('--rounds', type=int, default=5, help='alternating rounds (median and spread over them)')
     p.add_argument('--steps', type=int, default=5, help='timed steps per variant and round')
@@ -321,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         tag += ''.join([f'_{args.amp_dtype}' if args.amp_dtype != 'none' else '',
                         '_cl' if args.channels_last else '', '_compile' if args.compile else '',
                         '_features' if args.features_only else '', '_ckpt' if args.grad_checkpointing else '',
-                        f'_{args.aggregation}' if args.aggregation else ''])
+                        f'_{args.aggregation}' if args.aggregation else '',
+                        f'_{args.wiring}' if args.wiring else ''])
         args.json = str(HERE / 'results' / f'{tag}.json')
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The benchmark scripts count and compare the right things (fast: meta device, tiny inputs)."""
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,10 @@ def test_gpu_check_smoke_runs_every_path_on_cpu(tmp_path):
         for mode in ('train', 'infer'):
             assert c[mode]['finite'] == {'twin': True, 'ddw': True} and c[mode]['ratio'] > 0
     assert res['all_finite'] and not res['skipped']
+    compiled = next(c for c in res['cells'] if c['compiled'])
+    for mode in ('train', 'infer'):  # the first call compiles (aot_eager: seconds), a steady step takes ms
+        steady_s = {v: 2 / compiled[mode]['img_s'][v] for v in ('twin', 'ddw')}
+        assert all(compiled[mode]['first_call_s'][v] > 3 * steady_s[v] for v in ('twin', 'ddw')), compiled[mode]
     blocked = res['blocked_sums']
     assert blocked['blocked_stage'] and blocked['max_abs_difference'] < 0.05 and blocked['speedup'] > 0
 
@@ -203,3 +208,53 @@ def test_budget_benchmark_tiny_run_writes_every_required_key(tmp_path):
     assert budget.main(['--analyse', *tiny]) == 0
     assert (tmp_path / 'budget_routing' / 'long_budget0.6_seed0' / 'routing.json').exists()
     assert 'Inference time against the twin' in (tmp_path / 'budget.md').read_text()
+
+
+def test_compiled_benchmark_times_cold_compiles_and_interleaved_rounds(tmp_path, monkeypatch):
+    """benchmarks/compiled.py on dynamo's eager backend (seconds): compile processes, interleaved rounds,
+    the report's verdicts, a rerun skips."""
+    compiled = _load('compiled')
+    monkeypatch.setattr(compiled, 'OUT', tmp_path / 'compiled')
+    monkeypatch.setattr(compiled, 'REPORT', tmp_path / 'compiled.md')
+    argv = ['--models', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--rounds', '2', '--steps', '1',
+            '--threads', '1', '--window-s', '0', '--backend', 'eager']
+    assert compiled.main(argv) == 0
+    path = tmp_path / 'compiled' / 'ddw_resnet18_b2_32.json'
+    rec = json.loads(path.read_text())
+    for variant in ('twin', 'ddw'):
+        c = rec[f'{variant}_compile']
+        assert c['train_first_s'] > 3 * c['train_step_s'] and c['train_compile_s'] > 0
+        assert rec['warm_first_calls'][f'{variant}_train_first_s'] > 0
+    for mode in ('train', 'infer'):
+        rounds = rec['throughput'][mode]
+        assert len(rounds) == 2 and all(r['ratio'] == pytest.approx(r['ddw'] / r['twin']) for r in rounds)
+    assert rec['steps_per_window'] == {'train': 1, 'infer': 1}
+    md = (tmp_path / 'compiled.md').read_text()
+    assert md.count('| ddw_resnet18 |') == 2 and 'backend eager' in md
+    ratio = rec['ddw_compile']['train_compile_s'] / rec['twin_compile']['train_compile_s']
+    assert f'| {ratio:.2f} | {"met" if ratio <= 2 else "not met"} |' in md
+    mtime = path.stat().st_mtime_ns
+    assert compiled.main(argv) == 0
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_conv_inputs_captures_each_blocks_input_and_times_both(tmp_path):
+    conv = _load('conv_inputs')
+    argv = ['--model', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--rounds', '2', '--repeats', '1',
+            '--threads', '1', '--json', str(tmp_path / 'c.json')]
+    args = conv.parse_args(argv)
+    ddw, twin, names, inputs, x, _ = conv.captured(args)
+    assert names == [f'layer{s}.{b}' for s in range(1, 5) for b in range(2)]
+    # the same stem weights: the first block sees the same input in both models
+    torch.testing.assert_close(inputs['ddw']['layer1.0'], inputs['twin']['layer1.0'], rtol=0, atol=0)
+    blocks = dict(twin.named_modules())
+    with torch.no_grad():  # the twin's block 1 input is block 0's output; DDW's is its weighted sum
+        torch.testing.assert_close(inputs['twin']['layer2.1'], blocks['layer2.0'](inputs['twin']['layer2.0']))
+        assert not torch.allclose(inputs['ddw']['layer2.1'], inputs['twin']['layer2.1'])
+    assert conv.main(argv) == 0
+    res = json.loads((tmp_path / 'c.json').read_text())
+    assert set(res['per_block']) == set(names) and len(res['steps']['ddw']) == 2
+    assert res['isolated_ratio']['median'] == pytest.approx(statistics.median(
+        d / t for d, t in zip(res['block_seconds']['ddw'], res['block_seconds']['twin'])))
+    assert res['per_block']['layer3.1']['ddw_input']['shape'] == [2, 256, 2, 2]
+    assert res['step_medians']['ddw']['minor_faults'] >= 0

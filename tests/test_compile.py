@@ -4,11 +4,17 @@ The test uses the 'aot_eager' backend: it runs dynamo (graph capture, where grap
 fail ``fullgraph=True``) and AOTAutograd (the joint forward/backward graph) but not inductor's
 code generation, which takes minutes on 2 CPU cores. benchmarks/README.md has the inductor run.
 """
+import copy
+
 import pytest
 import timm
 import torch
+import torch.nn as nn
+from conftest import MODELS
+from timm.task import ClassificationTask
+from torch._dynamo.utils import counters
 
-import timm_ddw  # noqa: F401
+import timm_ddw
 
 
 @pytest.fixture(scope='module')
@@ -46,3 +52,45 @@ def test_compile_fullgraph_matches_eager(model_and_input, mode):
         routed = [n for n in grads_c if n.endswith(('router_weight', 'router_bias', 'tau'))]
         assert len(routed) == 3 * 4, routed  # every stage's routers and thresholds get gradients
         assert all(grads_c[n].abs().sum() > 0 for n in routed)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_train_py_torchcompile_path(name):
+    """timm's ``train.py --torchcompile``: ``ClassificationTask.compile(backend, mode)`` before training,
+    then ``task(x, y)`` in training and ``task.get_eval_model()`` under no_grad in validation. Every model at
+    its full depth, on dynamo's eager backend (graph capture, where a break would show; AOTAutograd is
+    tested above, inductor by benchmarks/compiled.py for all nine): no graph break, and loss, router
+    gradients and eval logits as in eager."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3)
+    # 64 px, batch 4: at 32 px / batch 2, random-init MobileNetV2's BatchNorm over 1 x 1 maps drives
+    # gradients to 1e5, where float32 summation order alone moves them by 1e-3
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1, 0])
+    state = copy.deepcopy(model.state_dict())
+    runs = {}
+    for backend in ('eager', None):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        task = ClassificationTask(model=model, criterion=nn.CrossEntropyLoss(), device=torch.device('cpu'))
+        if backend:
+            torch._dynamo.reset()
+            counters.clear()
+            task.compile(backend=backend, mode=None)
+        model.train()
+        loss = task(x, y)['loss']
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(('router_weight', 'tau'))}
+        model.eval()
+        with torch.no_grad():
+            logits = task.get_eval_model()(x)  # train.py validates with it
+        runs[backend] = loss.detach(), grads, logits
+        if backend:
+            assert not counters['graph_break'], dict(counters['graph_break'])
+            assert counters['stats']['unique_graphs'] == 2  # one training graph, one eval graph
+    (loss_c, grads_c, logits_c), (loss_e, grads_e, logits_e) = runs['eager'], runs[None]
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) == 2 * len(timm_ddw.graph_stages(model))
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-3, atol=1e-5, msg=n)
+    torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-4 * float(logits_e.abs().max()))
