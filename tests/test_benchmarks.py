@@ -1,4 +1,5 @@
 """The benchmark scripts count and compare the right things (fast: meta device, tiny inputs)."""
+import argparse
 import importlib.util
 import json
 import statistics
@@ -210,32 +211,42 @@ def test_budget_benchmark_tiny_run_writes_every_required_key(tmp_path):
     assert 'Inference time against the twin' in (tmp_path / 'budget.md').read_text()
 
 
-def test_compiled_benchmark_times_cold_compiles_and_interleaved_rounds(tmp_path, monkeypatch):
-    """benchmarks/compiled.py on dynamo's eager backend (seconds): compile processes, interleaved rounds,
-    the report's verdicts, a rerun skips."""
+def test_compiled_benchmark_times_compiles_and_interleaved_rounds(tmp_path, monkeypatch):
+    """benchmarks/compiled.py's two child jobs in this process on dynamo's eager backend (seconds), a record
+    assembled as run_model does, the report's verdicts, and main skipping a finished model."""
     compiled = _load('compiled')
     monkeypatch.setattr(compiled, 'OUT', tmp_path / 'compiled')
     monkeypatch.setattr(compiled, 'REPORT', tmp_path / 'compiled.md')
     argv = ['--models', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--rounds', '2', '--steps', '1',
             '--threads', '1', '--window-s', '0', '--backend', 'eager']
-    assert compiled.main(argv) == 0
-    path = tmp_path / 'compiled' / 'ddw_resnet18_b2_32.json'
-    rec = json.loads(path.read_text())
+    args = compiled.parse_args(argv)
+    rec = dict(model='ddw_resnet18', batch=2, px=32, backend='eager', threads=1, rounds=2, steps=1,
+               environment=compiled.environment('cpu', 1, 1), ended_utc='now')
     for variant in ('twin', 'ddw'):
-        c = rec[f'{variant}_compile']
-        assert c['train_first_s'] > 3 * c['train_step_s'] and c['train_compile_s'] > 0
-        assert rec['warm_first_calls'][f'{variant}_train_first_s'] > 0
+        torch._dynamo.reset()
+        c = compiled.compile_child(argparse.Namespace(**{**vars(args), 'child': ['compile', variant]}))
+        assert c['train_first_s'] > 3 * c['train_step_s'] and c['train_compile_s'] > 0  # the first call traces
+        rec[f'{variant}_compile'] = c
+    rec.update(compiled.bench_child(args))
+    assert rec['steps_per_window'] == {'train': 1, 'infer': 1}
     for mode in ('train', 'infer'):
         rounds = rec['throughput'][mode]
         assert len(rounds) == 2 and all(r['ratio'] == pytest.approx(r['ddw'] / r['twin']) for r in rounds)
-    assert rec['steps_per_window'] == {'train': 1, 'infer': 1}
+    (tmp_path / 'compiled').mkdir()
+    path = tmp_path / 'compiled' / 'ddw_resnet18_b2_32.json'
+    path.write_text(json.dumps(rec))
+    mtime = path.stat().st_mtime_ns
+    assert compiled.main(argv) == 0  # finished: skipped, only the report is written
+    assert path.stat().st_mtime_ns == mtime
     md = (tmp_path / 'compiled.md').read_text()
     assert md.count('| ddw_resnet18 |') == 2 and 'backend eager' in md
     ratio = rec['ddw_compile']['train_compile_s'] / rec['twin_compile']['train_compile_s']
     assert f'| {ratio:.2f} | {"met" if ratio <= 2 else "not met"} |' in md
-    mtime = path.stat().st_mtime_ns
-    assert compiled.main(argv) == 0
-    assert path.stat().st_mtime_ns == mtime
+    assert compiled.throughput_verdict(0.99, 0.975, 1.1) == 'met'
+    assert compiled.throughput_verdict(0.95, 0.90, 0.969) == 'not met'
+    assert compiled.throughput_verdict(0.98, 0.90, 1.05) == 'unresolved (median above)'
+    gm, lo, hi = compiled.geometric_interval([0.9, 1.0, 1.1])
+    assert lo < gm < hi and gm == pytest.approx((0.9 * 1.0 * 1.1) ** (1 / 3))
 
 
 def test_conv_inputs_captures_each_blocks_input_and_times_both(tmp_path):
