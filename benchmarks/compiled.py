@@ -175,7 +175,8 @@ def report(records: List[Dict[str, Any]], argv: Optional[List[str]], report_only
              '3 steps and 2 s), median (min-max); '
              f'target >= {THROUGHPUT_TARGET}. Compile time = '
              'first call - steady call, each model in a fresh process with an empty inductor cache '
-             f'(training step first, then inference, which reuses what it can); '
+             f'(training step first, then inference, which reuses the kernels the two graphs share: more of them '
+             'in the twin; [`compile_breakdown.md`](compile_breakdown.md) compiles each mode on its own); '
              f'target DDW <= {COMPILE_TIME_TARGET}x twin.',
              'The geometric mean of the rounds\' ratios comes with its 95% interval (Student\'s t on log ratios); '
              'a target is met or not met only where the whole interval lies on one side of it, else unresolved.',

@@ -162,7 +162,18 @@ def compiled_rows() -> List[str]:
     table = [line for line in md.read_text().splitlines() if line.startswith('|')]
     return ['', '## Compiled (inductor), all nine models, batch 8, 128 px', '',
             'From [`compiled.md`](compiled.md) (`python benchmarks/compiled.py`: cold compile times in fresh '
-            'processes, 5 interleaved rounds; method and machine there).', ''] + table
+            'processes, 5 interleaved rounds; method and machine there).', ''] + table + breakdown_rows()
+
+
+def breakdown_rows() -> List[str]:
+    """compile_breakdown.py's table (each mode compiled on its own, by wiring), where it has been run."""
+    md = HERE / 'results' / 'compile_breakdown.md'
+    if not md.exists():
+        return []
+    table = [line for line in md.read_text().splitlines() if line.startswith('|')]
+    return ['', 'Compile time by part, each mode in its own fresh process (nothing reused from the training graph): '
+            'from [`compile_breakdown.md`](compile_breakdown.md) (`python benchmarks/compile_breakdown.py`).',
+            ''] + table
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

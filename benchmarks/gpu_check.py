@@ -49,7 +49,7 @@ def bench_args(args: argparse.Namespace, amp: str, compiled: bool) -> argparse.N
     return argparse.Namespace(
         batch_size=args.batch_size, img_size=args.img_size, channels_last=args.channels_last, amp_dtype=amp,
         compile=compiled, compile_backend=args.compile_backend, features_only=False, grad_checkpointing=False,
-        aggregation=None)
+        aggregation=None, wiring=None)
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     bench_args = argparse.Namespace(batch_size=args.batch_size, img_size=args.img_size, channels_last=False,
                                     amp_dtype='none', compile=False, compile_backend='inductor',
-                                    features_only=False, grad_checkpointing=False, aggregation=None)
+                                    features_only=False, grad_checkpointing=False, aggregation=None, wiring=None)
     benches = {'twin': Bench(TWINS[args.model], bench_args, torch.device('cpu')),
                'ddw': Bench(args.model, bench_args, torch.device('cpu'))}
     if args.flush_mb:

@@ -93,7 +93,7 @@ class Bench:
         kw = dict(features_only=True) if args.features_only else dict(num_classes=1000)
         if name.startswith('ddw_') and args.aggregation:
             kw['aggregation'] = args.aggregation
-        if name.startswith('ddw_') and getattr(args, 'wiring', None):
+        if name.startswith('ddw_') and args.wiring:
             kw['wiring'] = args.wiring
         self.model = timm.create_model(name, **kw).to(device)
         self.model.set_grad_checkpointing(args.grad_checkpointing)

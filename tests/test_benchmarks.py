@@ -269,3 +269,20 @@ def test_conv_inputs_captures_each_blocks_input_and_times_both(tmp_path):
         d / t for d, t in zip(res['block_seconds']['ddw'], res['block_seconds']['twin'])))
     assert res['per_block']['layer3.1']['ddw_input']['shape'] == [2, 256, 2, 2]
     assert res['step_medians']['ddw']['minor_faults'] >= 0
+
+
+def test_compile_breakdown_report_divides_by_the_same_models_twin(tmp_path, monkeypatch):
+    bd = _load('compile_breakdown')
+    monkeypatch.setattr(bd, 'REPORT', tmp_path / 'r.md')
+    env = dict(load_average=[1.0, 1.2, 1.1])
+
+    def rec(model, mode, variant, compile_s):
+        return dict(model=model, mode=mode, variant=variant, compile_s=compile_s, step_s=0.1, kernels=7,
+                    phases_s={p: 1.0 for p in bd.PHASES.values()}, environment=env)
+    records = [rec('m', 'infer', 'dynamic', 50.0), rec('m', 'infer', 'twin', 20.0), rec('m', 'train', 'twin', 80.0),
+               rec('m', 'infer', 'chain', 21.0), rec('n', 'infer', 'static', 9.0)]
+    rows = [line for line in bd.report(records, [], False).splitlines() if line.startswith(('| m ', '| n '))]
+    assert [r.split(' | ')[2] for r in rows] == ['twin', 'chain', 'dynamic', 'twin', 'static']  # variant order
+    assert rows[2].split(' | ')[4] == '2.50'  # 50 s against the infer twin's 20 s, not the train twin's 80 s
+    assert rows[1].split(' | ')[4] == '1.05'
+    assert rows[4].split(' | ')[4] == '-'  # no twin of model n was measured
