@@ -154,26 +154,24 @@ def write_report() -> Path:
     return path
 
 
+def _table_from(name: str, intro: str) -> List[str]:
+    """The table rows of another report in results/, after a line saying where they come from; none if not run."""
+    md = HERE / 'results' / name
+    if not md.exists():
+        return []
+    return ['', intro, ''] + [line for line in md.read_text().splitlines() if line.startswith('|')]
+
+
 def compiled_rows() -> List[str]:
-    """The compiled targets for all nine models: compiled.py's table, where it has been run."""
-    md = HERE / 'results' / 'compiled.md'
-    if not md.exists():
+    """The compiled targets for all nine models: compiled.py's table, then compile_breakdown.py's, where run."""
+    compiled = _table_from('compiled.md', 'From [`compiled.md`](compiled.md) (`python benchmarks/compiled.py`: cold '
+                           'compile times in fresh processes, 5 interleaved rounds; method and machine there).')
+    if not compiled:
         return []
-    table = [line for line in md.read_text().splitlines() if line.startswith('|')]
-    return ['', '## Compiled (inductor), all nine models, batch 8, 128 px', '',
-            'From [`compiled.md`](compiled.md) (`python benchmarks/compiled.py`: cold compile times in fresh '
-            'processes, 5 interleaved rounds; method and machine there).', ''] + table + breakdown_rows()
-
-
-def breakdown_rows() -> List[str]:
-    """compile_breakdown.py's table (each mode compiled on its own, by wiring), where it has been run."""
-    md = HERE / 'results' / 'compile_breakdown.md'
-    if not md.exists():
-        return []
-    table = [line for line in md.read_text().splitlines() if line.startswith('|')]
-    return ['', 'Compile time by part, each mode in its own fresh process (nothing reused from the training graph): '
-            'from [`compile_breakdown.md`](compile_breakdown.md) (`python benchmarks/compile_breakdown.py`).',
-            ''] + table
+    return ['', '## Compiled (inductor), all nine models, batch 8, 128 px'] + compiled + _table_from(
+        'compile_breakdown.md', 'Compile time by part, each mode in its own fresh process (nothing reused from the '
+        'training graph): from [`compile_breakdown.md`](compile_breakdown.md) '
+        '(`python benchmarks/compile_breakdown.py`).')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
