@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .buffer import accumulate
+
 __all__ = ['column', 'enabled', 'kernel_available', 'put_row', 'use_for', 'weighted_sum']
 
 _SOURCE = Path(__file__).resolve().parent / 'csrc' / 'weighted_sum.cpp'
@@ -69,23 +71,13 @@ def _kernel_takes(xs: Sequence[torch.Tensor], w: torch.Tensor) -> bool:
         and w.shape[1] >= len(xs) and kernel_available()
 
 
-def _aten_sum(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """The same sums as ATen operations (three passes per input)."""
-    shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
-    w = w.to(xs[0].dtype)
-    out = xs[0] * w[:, 0].reshape(shape)
-    for k in range(1, len(xs)):
-        out.addcmul_(xs[k], w[:, k].reshape(shape))
-    return out
-
-
 @torch.library.custom_op('timm_ddw::weighted_sum', mutates_args=())
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[:, k] * xs[k]`` in ``xs[0]``'s dtype and layout; ``w`` is B x K with K >= len(xs)
     (columns past len(xs) are ignored: compiled stages pass every node the same width)."""
     if _kernel_takes(xs, w):
         return torch.ops.timm_ddw_kernels.weighted_sum(xs, w)
-    return _aten_sum(xs, w)
+    return accumulate(list(xs), w[:, :len(xs)])
 
 
 @weighted_sum.register_fake

@@ -13,10 +13,7 @@
 namespace {
 
 constexpr int64_t kTile = 2048;  // elements per parallel job
-#ifndef KLANE
-#define KLANE 16
-#endif
-constexpr int64_t kLane = KLANE;  // elements held in registers while the K inputs stream through
+constexpr int64_t kLane = 16;  // elements held in registers while the K inputs stream through
 
 template <typename scalar_t, typename acc_t, int64_t kWidth>
 inline void sum_run(const scalar_t* const* src, const acc_t* w, int64_t k_count, int64_t at, scalar_t* out) {
