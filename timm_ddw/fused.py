@@ -9,7 +9,10 @@ kernel (``csrc/weighted_sum.cpp``, built with torch's C++ extension tools on fir
 each input once; where it cannot be built, or for layouts it does not take, the same sums run as
 ATen operations. The backward is written in plain operations, which compilers trace.
 
-``TIMM_DDW_FUSED_SUM=0`` keeps the traced sums (the comparison in benchmarks/compile_breakdown.py).
+Opt-in (``timm_ddw.fused.set_enabled(True)`` or ``TIMM_DDW_FUSED_SUM=1``): it cuts ResNet-101's
+compile time by a third (training) to a half (inference), but inductor's own sums write into
+buffers it reuses and run faster, so steady throughput is the same or a few percent lower
+(benchmarks/README.md, "Compiled sums as one operator"). Compiled code guards on the switch.
 """
 from __future__ import annotations
 
@@ -22,26 +25,37 @@ import torch
 
 from .buffer import accumulate
 
-__all__ = ['column', 'enabled', 'kernel_available', 'put_row', 'use_for', 'weighted_sum']
+__all__ = ['column', 'enabled', 'kernel_available', 'put_row', 'set_enabled', 'use_for', 'weighted_sum']
 
 _SOURCE = Path(__file__).resolve().parent / 'csrc' / 'weighted_sum.cpp'
 _kernel_state: Optional[bool] = None
+_enabled = os.environ.get('TIMM_DDW_FUSED_SUM', '0') == '1'
 
 
 def enabled() -> bool:
-    """Whether compiled stages sum through the custom operator (``TIMM_DDW_FUSED_SUM``, default on)."""
-    return os.environ.get('TIMM_DDW_FUSED_SUM', '1') != '0'
+    """Whether compiled stages sum through the custom operator (``TIMM_DDW_FUSED_SUM=1``; default off)."""
+    return _enabled
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the operators on or off; a compiled model recompiles on its next call after a change."""
+    global _enabled
+    _enabled = bool(flag)
 
 
 def use_for(x: torch.Tensor) -> bool:
-    """Compiling for the CPU with the operators enabled: on GPUs inductor's generated sums stay (and
-    ``benchmarks/gpu_check.py`` times them)."""
-    return torch.compiler.is_compiling() and x.device.type == 'cpu' and enabled()
+    """``torch.compile`` for the CPU with the operators enabled. On GPUs inductor's generated sums
+    stay (``benchmarks/gpu_check.py`` times them); exported programs stay plain ATen, so that they
+    load without timm_ddw and convert to ONNX."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type == 'cpu' \
+        and enabled()
 
 
 def _build_flags() -> List[str]:
-    simd = ['-mavx2', '-mfma'] if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512') else []
-    return ['-O3', '-fopenmp'] + simd
+    """The vector width torch itself dispatches to on this CPU (inductor's kernels use the same)."""
+    simd = {'AVX2': ['-mavx2', '-mfma'],
+            'AVX512': ['-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq']}
+    return ['-O3', '-fopenmp'] + simd.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
 def kernel_available() -> bool:
@@ -71,13 +85,17 @@ def _kernel_takes(xs: Sequence[torch.Tensor], w: torch.Tensor) -> bool:
         and w.shape[1] >= len(xs) and kernel_available()
 
 
-@torch.library.custom_op('timm_ddw::weighted_sum', mutates_args=())
+# flexible_layout: inductor hands over its own layout (channels_last around its convolutions)
+# instead of converting every input and output to the eager strides (an out= variant was tried: the
+# buffer inductor allocates for it keeps the eager strides, so every sum took the slow path)
+@torch.library.custom_op('timm_ddw::weighted_sum', mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[:, k] * xs[k]`` in ``xs[0]``'s dtype and layout; ``w`` is B x K with K >= len(xs)
-    (columns past len(xs) are ignored: compiled stages pass every node the same width)."""
+    """``sum_k w[:, k] * xs[k]`` in ``xs[0]``'s dtype and layout (``empty_like``, as the fake says);
+    ``w`` is B x K with K >= len(xs) (columns past len(xs) are ignored: compiled stages pass every
+    node the same width)."""
     if _kernel_takes(xs, w):
         return torch.ops.timm_ddw_kernels.weighted_sum(xs, w)
-    return accumulate(list(xs), w[:, :len(xs)])
+    return torch.empty_like(xs[0]).copy_(accumulate(list(xs), w[:, :len(xs)]))
 
 
 @weighted_sum.register_fake

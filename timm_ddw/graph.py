@@ -107,8 +107,9 @@ def bound_weights(w: torch.Tensor) -> torch.Tensor:
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs)); compiled, one
     opaque operator (see fused.py)."""
-    if fused.use_for(xs[0]):
-        return fused.weighted_sum(xs, w)
+    if not torch.jit.is_scripting():  # a statement of its own: TorchScript drops the block unread
+        if fused.use_for(xs[0]):
+            return fused.weighted_sum(xs, w)
     w = w.to(xs[0].dtype)
     shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
     out = xs[0] * w[:, 0].reshape(shape)
@@ -179,6 +180,7 @@ class GraphStage(nn.Module):
     preds: List[List[int]]
     pos: List[List[int]]
     offsets: List[int]
+    _table_index: List[List[int]]
     _captures: List[List[torch.Tensor]]
 
     def __init__(
@@ -236,6 +238,9 @@ class GraphStage(nn.Module):
         self.offsets: List[int] = [0]
         for i in range(n):
             self.offsets.append(self.offsets[-1] + len(succs[i]))
+        # compiled complete graphs (_router_table): row of node i's edge to node t+1, or the closed row
+        self._table_index: List[List[int]] = [[self.offsets[i] + t - i if t >= i else self.offsets[-1]
+                                               for t in range(n)] for i in range(n)]
 
         # absent parameters are registered as None so that TorchScript prunes their branches
         self.register_parameter('router_weight', None)
@@ -362,11 +367,9 @@ class GraphStage(nn.Module):
         a logit of -1e4, so their edges are closed (sigmoid 0) without a mask."""
         weight, bias = self.router_weight, self.router_bias
         assert weight is not None and bias is not None
-        n, num_edges = self.num_blocks, self.offsets[-1]
         rows = torch.cat([weight, bias.unsqueeze(1)], 1)
         closed = torch.cat([rows.new_zeros(1, weight.shape[1]), rows.new_full((1, 1), -1e4)], 1)
-        index = torch.tensor([[self.offsets[i] + t - i if t >= i else num_edges for t in range(n)] for i in range(n)],
-                             device=rows.device)
+        index = torch.tensor(self._table_index, device=rows.device)
         return torch.cat([rows, closed])[index].transpose(1, 2)
 
     @torch.jit.unused
