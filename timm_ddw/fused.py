@@ -30,6 +30,9 @@ __all__ = ['column', 'enabled', 'kernel_available', 'put_row', 'set_enabled', 'u
 _SOURCE = Path(__file__).resolve().parent / 'csrc' / 'weighted_sum.cpp'
 _kernel_state: Optional[bool] = None
 _enabled = os.environ.get('TIMM_DDW_FUSED_SUM', '0') == '1'
+# torch releases before these: no layout tag, and no export flag (torch.export then gets the operators)
+_FLEXIBLE = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, 'flexible_layout') else ()
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
 
 
 def enabled() -> bool:
@@ -47,7 +50,7 @@ def use_for(x: torch.Tensor) -> bool:
     """``torch.compile`` for the CPU with the operators enabled. On GPUs inductor's generated sums
     stay (``benchmarks/gpu_check.py`` times them); exported programs stay plain ATen, so that they
     load without timm_ddw and convert to ONNX."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type == 'cpu' \
+    return torch.compiler.is_compiling() and not _is_exporting() and x.device.type == 'cpu' \
         and enabled()
 
 
@@ -88,7 +91,7 @@ def _kernel_takes(xs: Sequence[torch.Tensor], w: torch.Tensor) -> bool:
 # flexible_layout: inductor hands over its own layout (channels_last around its convolutions)
 # instead of converting every input and output to the eager strides (an out= variant was tried: the
 # buffer inductor allocates for it keeps the eager strides, so every sum took the slow path)
-@torch.library.custom_op('timm_ddw::weighted_sum', mutates_args=(), tags=(torch.Tag.flexible_layout,))
+@torch.library.custom_op('timm_ddw::weighted_sum', mutates_args=(), tags=_FLEXIBLE)
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[:, k] * xs[k]`` in ``xs[0]``'s dtype and layout (``empty_like``, as the fake says);
     ``w`` is B x K with K >= len(xs) (columns past len(xs) are ignored: compiled stages pass every
