@@ -2,9 +2,11 @@
 
 Each variant compiles in its own fresh process with an empty inductor cache, one mode per process
 (so no kernel is reused from an earlier graph): the twin, ``wiring='chain'`` (DDW's stage code, no
-sums), ``wiring='static'`` (the complete graph's sums, one learned weight per edge, no routers) and
-``wiring='dynamic'`` (sums and routers). Beside the compile time (first call minus a steady call)
-it records inductor's phases from ``torch._dynamo.utils.compilation_time_metrics`` (fusion
+sums), ``wiring='static'`` (the complete graph's sums, one learned weight per edge, no routers),
+``dynamic`` (sums and routers) and ``dynamic-fused`` (the same with the opt-in
+``timm_ddw::weighted_sum`` operator, timm_ddw/fused.py, instead of inductor's own sums). Beside the
+compile time (first call minus a steady call) it records
+inductor's phases from ``torch._dynamo.utils.compilation_time_metrics`` (fusion
 scheduling, code generation, waiting for the C++ compiler) and how many kernels were built, so
 static - chain is the sums' share and dynamic - static the routers'. One JSON per (model, mode,
 variant) in ``results/compile_breakdown/`` (skipped when present); the table goes to
@@ -31,7 +33,7 @@ from _runs import environment, load_note, recorded_command, write_json  # noqa: 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / 'results' / 'compile_breakdown'
 REPORT = HERE / 'results' / 'compile_breakdown.md'
-VARIANTS = ('twin', 'chain', 'static', 'dynamic')
+VARIANTS = ('twin', 'chain', 'static', 'dynamic', 'dynamic-fused')
 # inductor phases (compilation_time_metrics keys) and the names the report gives them
 PHASES = {'Scheduler.__init__': 'fusion', 'Scheduler.codegen': 'codegen', 'async_compile.wait': 'C++ wait'}
 
@@ -43,15 +45,19 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
     import torch._dynamo.utils as dynamo_utils
 
     import timm_ddw  # noqa: F401  (registers the models)
+    from timm_ddw import fused
     from timm_ddw.models import TWINS
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, mode, variant = args.models[0], args.modes[0], args.child
-    kw = {} if variant == 'twin' else dict(wiring=variant)
+    kw = {} if variant == 'twin' else dict(wiring=variant.split('-')[0])
+    fused.set_enabled(variant == 'dynamic-fused')
     net = timm.create_model(TWINS[model] if variant == 'twin' else model, num_classes=1000, **kw)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch_size,))
     fn = torch.compile(net, fullgraph=True)
+    if fused.enabled():
+        fused.kernel_available()  # build the C++ sum kernel before the clock starts (cached per machine)
     net.train(mode == 'train')
 
     def step() -> float:
@@ -86,7 +92,7 @@ def run_one(args: argparse.Namespace, model: str, mode: str, variant: str) -> Di
 def report(records: List[Dict[str, Any]], argv: Optional[List[str]], report_only: bool) -> str:
     """One row per (model, mode, variant); ratios against the twin of the same model and mode."""
     twins = {(r['model'], r['mode']): r for r in records if r['variant'] == 'twin'}
-    lines = ['# Compile time by part: twin, chain, static and dynamic wirings', '',
+    lines = ['# Compile time by part: twin, chain, static and dynamic wirings (inductor\'s sums or fused)', '',
              'Cold inductor compiles, each in its own process with an empty cache, one mode per process '
              '(nothing reused from an earlier graph); written by `benchmarks/compile_breakdown.py`.', '',
              '```', recorded_command(REPORT, 'compile_breakdown.py', argv, report_only), '```', '',

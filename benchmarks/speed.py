@@ -11,6 +11,9 @@ round), so machine noise hits all of them alike:
   ddw-loop   the same DDW model without the buffer and with a plain per-edge loop swapped in for
              the weighted sums (``timm_ddw.graph.weighted_sum_loop``: one multiply and one add per
              edge, a new tensor each), the reference point.
+  ddw-fused  with --compile on the CPU: the same DDW model with its sums through the opt-in
+             ``timm_ddw::weighted_sum`` operator instead of inductor's own kernels
+             (``fused.set_enabled(True)``; the model compiles a second time, for this variant)
 Ratios are DDW/static: the median over rounds of each round's ratio, with min and max.
 
 Peak memory of one training step (and of one inference batch):
@@ -46,11 +49,12 @@ import torch.nn.functional as F
 
 import timm_ddw
 import timm_ddw.graph as graph
+from timm_ddw import fused
 from timm_ddw.models import TWINS
 
 HERE = Path(__file__).resolve().parent
 
-VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop')
+VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop', 'ddw-fused')
 MODES = ('train', 'infer')
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -74,10 +78,13 @@ def variant_setup(variant: str, model: Optional[nn.Module] = None):
             if hasattr(m, 'sum_block_size'):
                 m.sum_block_size = 0
     graph.weighted_sum = REFERENCE_WEIGHTED_SUM if variant == 'ddw-loop' else LIBRARY_WEIGHTED_SUM
+    fused_on = fused.enabled()
+    fused.set_enabled(variant == 'ddw-fused')
     try:
         yield
     finally:
         graph.weighted_sum = LIBRARY_WEIGHTED_SUM
+        fused.set_enabled(fused_on)
         for m, (use_buffer, block_size) in zip(stages, saved, strict=True):
             if use_buffer is not None:
                 m.use_buffer = use_buffer
@@ -262,7 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     benches = {'static': Bench(twin, args, device), 'ddw': Bench(args.model, args, device)}
     has_buffer = any(hasattr(m, 'use_buffer') for m in benches['ddw'].model.modules())
     variants = [v for v in VARIANTS if v == 'static' or (
-        v in args.variants and not (args.no_reference and v == 'ddw-loop') and (has_buffer or v != 'ddw-nobuf'))]
+        v in args.variants and not (args.no_reference and v == 'ddw-loop') and (has_buffer or v != 'ddw-nobuf')
+        and (v != 'ddw-fused' or (args.compile and device.type == 'cpu')))]
     for v in variants[1:]:
         benches[v] = benches['ddw']  # same model and weights, configured by variant_setup
     ref_name = getattr(REFERENCE_WEIGHTED_SUM, '__module__', '') + '.' + REFERENCE_WEIGHTED_SUM.__name__

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import checkpoint
 
+from . import fused
 from .blocked import BlockedSums, _memory_order
 from .buffer import FeatureBuffer, global_pool, recompute_input
 
@@ -104,7 +105,11 @@ def bound_weights(w: torch.Tensor) -> torch.Tensor:
 
 @register_notrace_function
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs))."""
+    """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs)); compiled, one
+    opaque operator (see fused.py)."""
+    if not torch.jit.is_scripting():  # a statement of its own: TorchScript drops the block unread
+        if fused.use_for(xs[0]):
+            return fused.weighted_sum(xs, w)
     w = w.to(xs[0].dtype)
     shape = [w.shape[0]] + [1] * (xs[0].dim() - 1)
     out = xs[0] * w[:, 0].reshape(shape)
@@ -175,6 +180,7 @@ class GraphStage(nn.Module):
     preds: List[List[int]]
     pos: List[List[int]]
     offsets: List[int]
+    _table_index: List[List[int]]
     _captures: List[List[torch.Tensor]]
 
     def __init__(
@@ -225,12 +231,16 @@ class GraphStage(nn.Module):
         preds = [list(p) for p in spec.graph(n + 1, stage_seed(wiring_seed, stage_index))]
         self._check_graph(preds, n)
         self.preds: List[List[int]] = preds
+        self.complete = preds == complete_graph(n + 1)
         succs: List[List[int]] = [[j for j in range(n + 1) if i in preds[j]] for i in range(n + 1)]
         # position of edge i->j inside node i's router output, per (j, k-th predecessor)
         self.pos: List[List[int]] = [[succs[i].index(j) for i in preds[j]] for j in range(n + 1)]
         self.offsets: List[int] = [0]
         for i in range(n):
             self.offsets.append(self.offsets[-1] + len(succs[i]))
+        # compiled complete graphs (_router_table): row of node i's edge to node t+1, or the closed row
+        self._table_index: List[List[int]] = [[self.offsets[i] + t - i if t >= i else self.offsets[-1]
+                                               for t in range(n)] for i in range(n)]
 
         # absent parameters are registered as None so that TorchScript prunes their branches
         self.register_parameter('router_weight', None)
@@ -342,6 +352,54 @@ class GraphStage(nn.Module):
         return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not isinstance(x, torch.fx.Proxy) \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and not torch.is_grad_enabled() and x.device.type in BLOCKED_SUM_DEVICES
+
+    @torch.jit.unused
+    def _use_compiled(self, routed: bool, x: torch.Tensor) -> bool:
+        """Compiled for the CPU, complete graphs with routers run every node through the same code
+        (fused.py): one kernel per kind of node instead of one per node."""
+        return routed and self.edges == 'router' and self.complete and not self._captures \
+            and not self.grad_checkpointing and fused.use_for(x)
+
+    @torch.jit.unused
+    def _router_table(self) -> torch.Tensor:
+        """Every node's router as one n x (C + 1) x n matrix on the pooled output and a constant 1
+        (the bias), node i's columns i..n-1 holding its edges to nodes i+1..n; the other columns give
+        a logit of -1e4, so their edges are closed (sigmoid 0) without a mask."""
+        weight, bias = self.router_weight, self.router_bias
+        assert weight is not None and bias is not None
+        rows = torch.cat([weight, bias.unsqueeze(1)], 1)
+        closed = torch.cat([rows.new_zeros(1, weight.shape[1]), rows.new_full((1, 1), -1e4)], 1)
+        index = torch.tensor(self._table_index, device=rows.device)
+        return torch.cat([rows, closed])[index].transpose(1, 2)
+
+    @torch.jit.unused
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.num_blocks
+        table = self._router_table()
+        thresholds = self._thresholds()
+        feats: List[torch.Tensor] = []
+        lives: List[torch.Tensor] = []
+        edges = x.new_zeros(0)  # B x n x n: edges[:, i, t] = a_{i, t+1}
+        live: Optional[torch.Tensor] = None
+        for j, block in enumerate(self.children()):
+            if j == 0:
+                out = block(x)
+            else:
+                w = fused.column(edges, j - 1)  # node j's input edges, zero from nodes j..n-1
+                live = self._live(w, j)
+                lives.append(live)
+                out = block(fused.weighted_sum(feats, self._applied(w)))
+            feats.append(out)
+            pooled = F.pad(global_pool(out), (0, 1), value=1.0)
+            w = gate_edges(torch.sigmoid(pooled @ table[j]), thresholds, self.gate, self.training)
+            if live is not None:
+                w = w * live.unsqueeze(1).to(w.dtype)
+            if j == 0:
+                edges = w.new_zeros(w.shape[0], n, n)
+            edges = fused.put_row(edges, w, j)
+        if self.training and torch.is_grad_enabled():
+            self._update_budget(lives)
+        return fused.weighted_sum(feats, self._applied(fused.column(edges, n - 1)))
 
     @torch.jit.unused
     def _forward_blocked(self, x: torch.Tensor) -> torch.Tensor:
@@ -520,6 +578,8 @@ class GraphStage(nn.Module):
             return self._forward_live(x)
         if not torch.jit.is_scripting() and self._use_blocked(routed, x):
             return self._forward_blocked(x)
+        if not torch.jit.is_scripting() and self._use_compiled(routed, x):
+            return self._forward_compiled(x)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         feats: List[torch.Tensor] = []  # node outputs (with the buffer: their aliases, the buffer's sources)
         weights: List[torch.Tensor] = []
