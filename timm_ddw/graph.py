@@ -105,8 +105,8 @@ def bound_weights(w: torch.Tensor) -> torch.Tensor:
 
 @register_notrace_function
 def weighted_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs)); compiled, one
-    opaque operator (see fused.py)."""
+    """``sum_k w[:, k] * xs[k]`` with per-sample weights ``w`` of shape (B, len(xs)); compiled for
+    the CPU with ``fused.set_enabled(True)``, one opaque operator (see fused.py)."""
     if not torch.jit.is_scripting():  # a statement of its own: TorchScript drops the block unread
         if fused.use_for(xs[0]):
             return fused.weighted_sum(xs, w)
@@ -355,8 +355,8 @@ class GraphStage(nn.Module):
 
     @torch.jit.unused
     def _use_compiled(self, routed: bool, x: torch.Tensor) -> bool:
-        """Compiled for the CPU, complete graphs with routers run every node through the same code
-        (fused.py): one kernel per kind of node instead of one per node."""
+        """Compiled for the CPU with the opt-in operators (fused.py), complete graphs with routers run
+        every node through the same code: one kernel per kind of node instead of one per node."""
         return routed and self.edges == 'router' and self.complete and not self._captures \
             and not self.grad_checkpointing and fused.use_for(x)
 
