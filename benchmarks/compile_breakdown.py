@@ -5,9 +5,9 @@ Each variant compiles in its own fresh process with an empty inductor cache, one
 sums), ``wiring='static'`` (the complete graph's sums, one learned weight per edge, no routers),
 ``dynamic`` (sums and routers) and ``dynamic-fused`` (the same with the opt-in
 ``timm_ddw::weighted_sum`` operator, timm_ddw/fused.py, instead of inductor's own sums). Beside the
-compile time (first call minus a steady call) it records
-inductor's phases from ``torch._dynamo.utils.compilation_time_metrics`` (fusion
-scheduling, code generation, waiting for the C++ compiler) and how many kernels were built, so
+compile time (first call minus a steady call) it records inductor's phases from
+``torch._dynamo.utils.compilation_time_metrics`` (fusion scheduling, code generation, waiting for
+the C++ compiler) and how many kernels were built, so
 static - chain is the sums' share and dynamic - static the routers'. One JSON per (model, mode,
 variant) in ``results/compile_breakdown/`` (skipped when present); the table goes to
 ``results/compile_breakdown.md``.

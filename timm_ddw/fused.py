@@ -62,8 +62,8 @@ def _build_flags() -> List[str]:
 
 
 def kernel_available() -> bool:
-    """Build (once per machine, cached by torch's extension tools) and load the C++ kernel; False,
-    with one warning, where no compiler or headers are at hand or ``TIMM_DDW_NO_EXTENSION=1``."""
+    """Build (once per machine, cached by torch's extension tools) and load the C++ kernel. False
+    with ``TIMM_DDW_NO_EXTENSION=1``, and with one warning where no compiler or headers are at hand."""
     global _kernel_state
     if _kernel_state is None:
         _kernel_state = False
