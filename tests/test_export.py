@@ -4,6 +4,7 @@ import timm
 import torch
 
 import timm_ddw
+from timm_ddw import fused
 from timm_ddw.export import export_onnx, export_program
 
 MODELS = ['ddw_resnet18', 'ddw_mobilenetv2_100']
@@ -45,7 +46,12 @@ def exported(request):
         ref = model(x)
     # skipping closed nodes is data-dependent control flow: the helpers export the dense forward
     timm_ddw.set_skip_closed(model, True)
-    program = export_program(model, SIZE, batch_size=2)
+    was = fused.enabled()
+    fused.set_enabled(True)  # exported programs stay plain ATen even with the compiled-path operators on
+    try:
+        program = export_program(model, SIZE, batch_size=2)
+    finally:
+        fused.set_enabled(was)
     assert all(s.skip_closed for s in timm_ddw.graph_stages(model).values())
     return model, x, ref, program
 
