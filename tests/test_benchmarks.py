@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -286,3 +287,21 @@ def test_compile_breakdown_report_divides_by_the_same_models_twin(tmp_path, monk
     assert rows[2].split(' | ')[4] == '2.50'  # 50 s against the infer twin's 20 s, not the train twin's 80 s
     assert rows[1].split(' | ')[4] == '1.05'
     assert rows[4].split(' | ')[4] == '-'  # no twin of model n was measured
+
+
+@pytest.mark.skipif(os.environ.get('TIMM_DDW_NO_EXTENSION') == '1', reason='extension switched off')
+def test_fused_sum_times_the_operator_against_inductors_sum(tmp_path, monkeypatch):
+    assert timm_ddw.fused.kernel_available()  # CI has a compiler
+    fs = _load('fused_sum')
+    fns = fs.contenders()
+    xs, w = [torch.randn(2, 3, 4, 5) for _ in range(3)], torch.rand(2, 3)
+    ref = sum(x * w[:, k].reshape(-1, 1, 1, 1) for k, x in enumerate(xs))
+    for f in fns.values():  # all three compute the same sum
+        torch.testing.assert_close(f(xs, w), ref)
+    monkeypatch.setattr(fs, 'CASES', [((2, 8, 4, 4), (3,))])
+    assert fs.main(['--rounds', '3', '--calls', '1', '--threads', '1', '--json', str(tmp_path / 'f.json')]) == 0
+    rows = json.loads((tmp_path / 'f.json').read_text())['rows']
+    assert [(r['shape'], r['inputs']) for r in rows] == [([2, 8, 4, 4], 3)]
+    med = rows[0]['median_ms']
+    assert set(med) == {'inductor', 'operator', 'addcmul_'}
+    assert rows[0]['operator_speedup'] == pytest.approx(med['inductor'] / med['operator'])

@@ -55,7 +55,7 @@ def fused_on():
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_kernel_matches_float64(dtype, shape, channels_last):
     assert fused.kernel_available()  # CI has a compiler: the kernel is what is tested here
-    for k in (1, 2, 5):
+    for k in (1, 2, 5, 13):  # 13: past kManyInputs, the kernel's narrow lanes
         xs, w, ref = _inputs(shape, k, dtype, channels_last, extra=3)
         _check(torch.ops.timm_ddw_kernels.weighted_sum(xs, w), ref, xs, dtype)
         _check(fused.weighted_sum(xs, w), ref, xs, dtype)  # columns past len(xs) are ignored

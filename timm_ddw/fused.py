@@ -10,9 +10,10 @@ each input once; where it cannot be built, or for layouts it does not take, the 
 ATen operations. The backward is written in plain operations, which compilers trace.
 
 Opt-in (``timm_ddw.fused.set_enabled(True)`` or ``TIMM_DDW_FUSED_SUM=1``): it cuts ResNet-101's
-compile time by a third (training) to a half (inference), but inductor's own sums write into
-buffers it reuses and run faster, so steady throughput is the same or a few percent lower
-(benchmarks/README.md, "Compiled sums as one operator"). Compiled code guards on the switch.
+compile time by a third (training) to a half (inference), but steady throughput is about 5% lower
+(ResNet-101: inductor writes its sums into buffers it reuses, and its generated sum streams many
+inputs from memory faster than this kernel, which is faster only while they fit in cache;
+benchmarks/README.md, "Compiled sums as one operator"). Compiled code guards on the switch.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def use_for(x: torch.Tensor) -> bool:
 
 def _build_flags() -> List[str]:
     """The vector width torch itself dispatches to on this CPU (inductor's kernels use the same)."""
-    simd = {'AVX2': ['-mavx2', '-mfma'],
-            'AVX512': ['-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq']}
+    simd = {'AVX2': ['-mavx2', '-mfma', '-mf16c', '-DCPU_CAPABILITY_AVX2'],
+            'AVX512': ['-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512vl', '-mavx512dq',
+                       '-DCPU_CAPABILITY_AVX512']}
     return ['-O3', '-fopenmp'] + simd.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
