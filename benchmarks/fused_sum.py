@@ -9,6 +9,10 @@ calls, so the smaller sums run from cache; ResNet-101's deepest nodes (23 inputs
 batch 8, 128 px) do not fit it.
 
     python benchmarks/fused_sum.py                  # ~2 min on 2 cores
+    python benchmarks/fused_sum.py --profile-model ddw_resnet101   # + ~3 min: where a compiled step goes
+
+``--profile-model`` compiles the model's inference graph with the operator off and on and profiles
+a few steady steps of each (torch.profiler, self CPU ms per step of every operator, top rows).
 """
 from __future__ import annotations
 
@@ -67,12 +71,50 @@ def time_case(shape: Sequence[int], k: int, fns: Dict[str, Callable], rounds: in
     return {n: statistics.median(v) for n, v in ms.items()}
 
 
+def profile_model(name: str, batch: int, px: int, steps: int, top: int = 12) -> Dict[str, Dict[str, float]]:
+    """Self CPU ms per inference step by operator, compiled with inductor's sums and with the operator."""
+    import timm
+
+    import timm_ddw  # noqa: F401  (registers the models)
+    out: Dict[str, Dict[str, float]] = {}
+    x = torch.randn(batch, 3, px, px)
+    was = fused.enabled()
+    try:
+        for label, flag in (('inductor sums', False), ('operator', True)):
+            torch._dynamo.reset()
+            fused.set_enabled(flag)
+            torch.manual_seed(0)
+            fn = torch.compile(timm.create_model(name).eval(), fullgraph=True)
+            with torch.no_grad():
+                for _ in range(3):
+                    fn(x)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    fn(x)
+                wall = (time.perf_counter() - t) / steps * 1e3
+                with torch.profiler.profile() as prof:
+                    for _ in range(steps):
+                        fn(x)
+            rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+            out[label] = dict({'wall ms per step (unprofiled)': wall},
+                              **{e.key: e.self_cpu_time_total / 1e3 / steps for e in rows})
+            print(f'{name} b{batch}/{px}, {label}: ' + ', '.join(f'{k} {v:.1f}' for k, v in out[label].items()),
+                  flush=True)
+    finally:
+        fused.set_enabled(was)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--calls', type=int, default=10, help='sums per timing')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--json', default=str(HERE / 'results' / 'fused_sum.json'))
+    p.add_argument('--profile-model', default=None, help='also profile this model compiled, operator off and on')
+    p.add_argument('--batch-size', type=int, default=8, help='for --profile-model')
+    p.add_argument('--img-size', type=int, default=128, help='for --profile-model')
+    p.add_argument('--profile-steps', type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not fused.kernel_available():
@@ -88,8 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              operator_speedup=med['inductor'] / med['operator']))
             print(f'{"x".join(map(str, shape)):>18} {k:>3} ' + ' '.join(f'{med[n]:>8.3f}ms' for n in fns)
                   + f'   {rows[-1]["operator_speedup"]:.2f}x', flush=True)
-    write_json(Path(args.json), dict(rows=rows, rounds=args.rounds, calls=args.calls,
-                                     environment=environment('cpu', args.threads, 1)))
+    profile = None if args.profile_model is None else \
+        profile_model(args.profile_model, args.batch_size, args.img_size, args.profile_steps)
+    write_json(Path(args.json), dict(rows=rows, rounds=args.rounds, calls=args.calls, profile=profile,
+                                     profile_model=args.profile_model, environment=environment('cpu', args.threads, 1)))
     return 0
 
 
