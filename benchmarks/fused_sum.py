@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 # (batch, channels, height, width) and in-degrees: ResNet-50/101 stages at batch 8, 128 px
 CASES = [((8, 256, 32, 32), (2, 4)), ((8, 512, 16, 16), (3, 6)), ((8, 1024, 8, 8), (4, 12, 16, 23)),
          ((8, 2048, 4, 4), (3,))]
+CONTENDERS = ('inductor', 'operator', 'addcmul_')
 
 
 def traced_sum(xs: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def contenders() -> Dict[str, Callable[[List[torch.Tensor], torch.Tensor], torch
     """The three sums; inductor's compiles afresh for every case (one graph per shape and in-degree)."""
     torch._dynamo.reset()
     compiled = torch.compile(traced_sum, fullgraph=True, dynamic=False)
-    return {'inductor': compiled, 'operator': torch.ops.timm_ddw_kernels.weighted_sum, 'addcmul_': weighted_sum}
+    return dict(zip(CONTENDERS, (compiled, torch.ops.timm_ddw_kernels.weighted_sum, weighted_sum)))
 
 
 def time_case(shape: Sequence[int], k: int, fns: Dict[str, Callable], rounds: int, calls: int) -> Dict[str, float]:
@@ -73,9 +74,8 @@ def time_case(shape: Sequence[int], k: int, fns: Dict[str, Callable], rounds: in
 
 def profile_model(name: str, batch: int, px: int, steps: int, top: int = 12) -> Dict[str, Dict[str, float]]:
     """Self CPU ms per inference step by operator, compiled with inductor's sums and with the operator."""
-    import timm
+    import timm  # the ddw_* models are registered: importing timm_ddw.fused imported the package
 
-    import timm_ddw  # noqa: F401  (registers the models)
     out: Dict[str, Dict[str, float]] = {}
     x = torch.randn(batch, 3, px, px)
     was = fused.enabled()
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print('the C++ kernel is not available here (no compiler?): nothing to compare')
         return 1
     rows = []
-    print(f'{"maps":>18} {"K":>3} ' + ' '.join(f'{n:>10}' for n in contenders()) + '   operator/inductor speed')
+    print(f'{"maps":>18} {"K":>3} ' + ' '.join(f'{n:>10}' for n in CONTENDERS) + '   operator/inductor speed')
     for shape, ks in CASES:
         for k in ks:
             fns = contenders()

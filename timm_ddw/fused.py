@@ -11,9 +11,9 @@ ATen operations. The backward is written in plain operations, which compilers tr
 
 Opt-in (``timm_ddw.fused.set_enabled(True)`` or ``TIMM_DDW_FUSED_SUM=1``): it cuts ResNet-101's
 compile time by a third (training) to a half (inference), but steady throughput is about 5% lower
-(ResNet-101: inductor writes its sums into buffers it reuses, and its generated sum streams many
-inputs from memory faster than this kernel, which is faster only while they fit in cache;
-benchmarks/README.md, "Compiled sums as one operator"). Compiled code guards on the switch.
+(ResNet-101: the sums cost what inductor's do, the per-node edge-table operators and the routing
+inductor no longer fuses into each sum cost the rest; benchmarks/README.md, "Compiled sums as one
+operator"). Compiled code guards on the switch.
 """
 from __future__ import annotations
 
