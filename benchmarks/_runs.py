@@ -50,8 +50,14 @@ def load_note(envs: Sequence[Dict[str, Any]]) -> str:
 
 
 def t_975(dof: int) -> float:
-    """Two-sided 5% critical value of Student's t (2.0 beyond 9 degrees of freedom, a slight overstatement)."""
-    return {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}.get(dof, 2.0)
+    """Two-sided 5% critical value of Student's t: tabled to 9 degrees of freedom, beyond that the
+    Cornish-Fisher expansion (within 0.001 of the table: 2.228 at 10, 2.093 at 19, 1.960 in the limit)."""
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    if dof in table:
+        return table[dof]
+    z, v = 1.959964, float(dof)
+    return z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2) \
+        + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3)
 
 
 def write_json(path: Path, record: Dict[str, Any]) -> Path:
