@@ -14,6 +14,11 @@ round), so machine noise hits all of them alike:
   ddw-fused  with --compile on the CPU: the same DDW model with its sums through the opt-in
              ``timm_ddw::weighted_sum`` operator instead of inductor's own kernels
              (``fused.set_enabled(True)``; the model compiles a second time, for this variant)
+  ddw-learned  where the cost goes, part 1: the DDW model built with ``wiring='static'`` (one
+             learned weight per edge): every node's sum, no routers (its own model and weights)
+  ddw-chain  part 2: ``wiring='chain'``, each node fed by its predecessor alone (no sums, no
+             routers): the graph stage's own cost, the twin's computation otherwise
+             (ddw-chain -> ddw-learned -> ddw: what the sums, then the routers add)
 Ratios are DDW/static: the median over rounds of each round's ratio, with min and max.
 
 Peak memory of one training step (and of one inference batch):
@@ -54,7 +59,9 @@ from timm_ddw.models import TWINS
 
 HERE = Path(__file__).resolve().parent
 
-VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop', 'ddw-fused')
+VARIANTS = ('static', 'ddw', 'ddw-nobuf', 'ddw-loop', 'ddw-fused', 'ddw-learned', 'ddw-chain')
+# variants that are models of their own: the DDW model under another wiring
+WIRING_VARIANTS = {'ddw-learned': 'static', 'ddw-chain': 'chain'}
 MODES = ('train', 'infer')
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -95,13 +102,13 @@ def variant_setup(variant: str, model: Optional[nn.Module] = None):
 class Bench:
     """One model (static twin or DDW) with its optimizer, inputs and step functions."""
 
-    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device, wiring: Optional[str] = None):
         torch.manual_seed(0)
         kw = dict(features_only=True) if args.features_only else dict(num_classes=1000)
         if name.startswith('ddw_') and args.aggregation:
             kw['aggregation'] = args.aggregation
-        if name.startswith('ddw_') and args.wiring:
-            kw['wiring'] = args.wiring
+        if name.startswith('ddw_') and (wiring or args.wiring):
+            kw['wiring'] = wiring or args.wiring
         self.model = timm.create_model(name, **kw).to(device)
         self.model.set_grad_checkpointing(args.grad_checkpointing)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -188,7 +195,7 @@ def cpu_peak_child(args: argparse.Namespace) -> Dict[str, float]:
     variant, mode = args.memory_child
     base_kb = _proc_status_kb('VmRSS')
     name = TWINS[args.model] if variant == 'static' else args.model
-    bench = Bench(name, args, torch.device('cpu'))
+    bench = Bench(name, args, torch.device('cpu'), WIRING_VARIANTS.get(variant))
     with variant_setup(variant, bench.model):
         bench.step(mode)
         Path('/proc/self/clear_refs').write_text('5')
@@ -233,8 +240,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='auto', help="'cpu', 'cuda' or 'auto' (cuda when present)")
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
-    p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
-                   help='variants to run (static is always run: the ratios need it)')
+    p.add_argument('--variants', nargs='+', default=[v for v in VARIANTS if v not in WIRING_VARIANTS],
+                   choices=VARIANTS, help='variants to run (static is always run: the ratios need it; '
+                   'default: all but the wiring variants)')
     p.add_argument('--no-reference', action='store_true', help='skip the ddw-loop reference variant')
     p.add_argument('--no-memory', action='store_true')
     p.add_argument('--json', default=None, help='default: benchmarks/results/speed_<device>_<model>_....json')
@@ -272,7 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         v in args.variants and not (args.no_reference and v == 'ddw-loop') and (has_buffer or v != 'ddw-nobuf')
         and (v != 'ddw-fused' or (args.compile and device.type == 'cpu')))]
     for v in variants[1:]:
-        benches[v] = benches['ddw']  # same model and weights, configured by variant_setup
+        # same model and weights, configured by variant_setup; the wiring variants build their own
+        benches[v] = Bench(args.model, args, device, WIRING_VARIANTS[v]) if v in WIRING_VARIANTS else benches['ddw']
     ref_name = getattr(REFERENCE_WEIGHTED_SUM, '__module__', '') + '.' + REFERENCE_WEIGHTED_SUM.__name__
     print(f'{args.model} vs {twin} on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
           f'{args.img_size}px, amp={args.amp_dtype}, channels_last={args.channels_last}, compile={args.compile}; '
