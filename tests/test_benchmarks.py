@@ -81,6 +81,30 @@ def test_speed_reference_loop_matches_library():
     assert [(m.use_buffer, m.sum_block_size) for m in stages] == settings
 
 
+def test_speed_wiring_variants_are_models_of_their_own(tmp_path):
+    """ddw-learned and ddw-chain split DDW's cost into sums and routers: each must be the DDW model
+    under its own wiring, not the dynamic model reconfigured."""
+    speed = _load('speed')
+    out = tmp_path / 'speed.json'
+    built = []
+    bench_cls = speed.Bench
+
+    class Recording(bench_cls):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
+    speed.Bench = Recording
+    argv = ['--model', 'ddw_resnet18', '--batch-size', '2', '--img-size', '32', '--rounds', '1', '--steps', '1',
+            '--warmup', '0', '--threads', '1', '--modes', 'infer', '--variants', 'ddw', 'ddw-learned', 'ddw-chain',
+            '--no-reference', '--no-memory', '--device', 'cpu', '--json', str(out)]
+    assert speed.main(argv) == 0
+    wirings = [sorted({m.wiring for m in timm_ddw.graph_stages(b.model).values()}) for b in built]
+    assert wirings == [[], ['dynamic'], ['static'], ['chain']]  # the twin has no graph stages
+    assert set(json.loads(out.read_text())['ratios']['infer']) == {'static', 'ddw', 'ddw-learned', 'ddw-chain'}
+    assert 'ddw-chain' not in speed.parse_args([]).variants  # opt-in: two more models to build
+
+
 @pytest.mark.skipif(not Path('/usr/share/datasets/fashion-mnist').is_dir(), reason='Fashion-MNIST not installed')
 def test_depth_ablation_tiny_run_writes_every_required_key(tmp_path):
     depth = _load('depth')
@@ -305,3 +329,25 @@ def test_fused_sum_times_the_operator_against_inductors_sum(tmp_path, monkeypatc
     med = rows[0]['median_ms']
     assert set(med) == {'inductor', 'operator', 'addcmul_'}
     assert rows[0]['operator_speedup'] == pytest.approx(med['inductor'] / med['operator'])
+
+
+def test_t_975_matches_students_table_beyond_the_tabled_range():
+    runs = _load('_runs')
+    for dof, table in [(10, 2.228), (19, 2.093), (30, 2.042), (120, 1.980)]:
+        assert runs.t_975(dof) == pytest.approx(table, abs=1e-3)
+
+
+def test_compiled_paired_drops_round_one_and_pairs_rounds(tmp_path, monkeypatch):
+    paired = _load('compiled_paired')
+    monkeypatch.setattr(paired, 'OUT', tmp_path)
+    monkeypatch.setattr(paired, 'REPORT', tmp_path / 'report.md')
+    twin = [1.0, 10.0, 20.0, 10.0]  # round 1 (compiling) would pull every mean down
+    values = dict(static=twin, ddw=[0.1, 9.0, 18.0, 9.0], **{'ddw-chain': twin, 'ddw-learned': [0.1, 9.5, 19.0, 9.5]})
+    rec = dict(model='ddw_resnet50', date='2026-12-07 20:00 UTC', cpu_count=2, device_name='x86_64', threads=2,
+               torch='2', timm='1', args=dict(steps=3),
+               throughput={m: {v: dict(values=vals) for v, vals in values.items()} for m in ('train', 'infer')})
+    (tmp_path / 'ddw_resnet50_b8_128_parts.json').write_text(json.dumps(rec))
+    text = paired.report([], False)
+    # paired per round: 0.9 in every round, so the interval collapses onto it (unpaired it would not)
+    assert '| ddw_resnet50 | train | 3 | 0.900 (0.900-0.900) | not met |' in text  # the parts run stands in
+    assert '| ddw_resnet50 | infer | 3 | 1.000 (1.000-1.000) | 0.950 (0.950-0.950) | 0.900 (0.900-0.900) |' in text
