@@ -155,11 +155,14 @@ def write_report() -> Path:
 
 
 def _table_from(name: str, intro: str) -> List[str]:
-    """The table rows of another report in results/, after a line saying where they come from; none if not run."""
+    """The first table of another report in results/, after a line saying where it comes from; none if not run."""
     md = HERE / 'results' / name
     if not md.exists():
         return []
-    return ['', intro, ''] + [line for line in md.read_text().splitlines() if line.startswith('|')]
+    lines = md.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('|'))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith('|')), len(lines))
+    return ['', intro, ''] + lines[start:end]
 
 
 def compiled_rows() -> List[str]:
@@ -168,7 +171,10 @@ def compiled_rows() -> List[str]:
                            'compile times in fresh processes, 5 interleaved rounds; method and machine there).')
     if not compiled:
         return []
-    return ['', '## Compiled (inductor), all nine models, batch 8, 128 px'] + compiled + _table_from(
+    paired = _table_from('compiled_paired.md', 'Throughput again with 20 paired rounds per model (these supersede '
+                         'the 5-round ratios above): from [`compiled_paired.md`](compiled_paired.md) '
+                         '(`python benchmarks/compiled_paired.py`).')
+    return ['', '## Compiled (inductor), all nine models, batch 8, 128 px'] + compiled + paired + _table_from(
         'compile_breakdown.md', 'Compile time by part, each mode in its own fresh process (nothing reused from the '
         'training graph): from [`compile_breakdown.md`](compile_breakdown.md) '
         '(`python benchmarks/compile_breakdown.py`).')
