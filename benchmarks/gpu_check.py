@@ -3,15 +3,17 @@
 For ddw_resnet50, ddw_resnet101, ddw_regnetx_1600m and ddw_efficientnet_b0 against their twins, at
 batch 128, 224 px, channels_last, under bfloat16 autocast and under float16 autocast with a
 GradScaler, eager and ``torch.compile``-d: training-step and inference throughput (interleaved
-rounds, median), peak memory (``torch.cuda.max_memory_allocated``), the DDW/twin ratios,
-whether every loss and logit is finite, and each model's first call (compiled: the compilation; the
-twin compiles first, so the DDW model finds the kernels they share cached). Then the blocked-sum
+rounds, median), peak memory (``torch.cuda.max_memory_allocated``), the DDW/twin ratios, whether
+every loss and logit is finite, and each model's first call (compiled: the compilation; the twin
+compiles first, so the DDW model finds the kernels they share cached). Then the blocked-sum
 inference path (CPU-only in the library) is timed once on the GPU against the per-node sums, to
-decide whether it should stay CPU-only. Cells run in priority order (eager bfloat16 first,
-compiled float16 last) under a time budget; a cell that would start past it is recorded as
-skipped, so the command ends in time and says what it did not measure.
+decide whether it should stay CPU-only, and ddw_resnet101's gap to its twin is split as on the CPU
+(``speed.py``'s ddw-chain and ddw-learned: the graph stage alone, then the sums, then the routers).
+Cells run in priority order (eager bfloat16 first, compiled float16 last) under a time budget; a
+cell that would start past it is recorded as skipped, so the command ends in time and says what it
+did not measure.
 
-    python benchmarks/gpu_check.py                  # about 8 minutes on one GPU; one JSON
+    python benchmarks/gpu_check.py                  # about 9 minutes on one GPU; one JSON
     python benchmarks/gpu_check.py --smoke          # seconds on CPU: every code path, tiny sizes (CI)
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import environment, write_json  # noqa: E402
-from speed import Bench, _sync, cuda_peak_mib, throughput  # noqa: E402
+from speed import WIRING_VARIANTS, Bench, _sync, cuda_peak_mib, throughput  # noqa: E402
 
 import timm_ddw  # noqa: E402
 import timm_ddw.graph as graph  # noqa: E402
@@ -112,6 +114,30 @@ def blocked_sums_on_device(args: argparse.Namespace, device: torch.device) -> Di
                 max_abs_difference=float((outs['blocked'] - outs['per_node']).abs().max()), blocked_stage=used)
 
 
+def gap_split_on_device(args: argparse.Namespace, device: torch.device, model: str = 'ddw_resnet101') -> Dict[str, Any]:
+    """Eager bfloat16 twin, then the DDW model under wiring='chain', 'static' and its own, in interleaved
+    rounds: neighbouring ratios say what the stage, the sums and the routers each cost on this device."""
+    wirings = {'twin': None, 'chain': WIRING_VARIANTS['ddw-chain'], 'static': WIRING_VARIANTS['ddw-learned'],
+               'dynamic': None}
+    benches = {name: Bench(TWINS[model] if name == 'twin' else model, bench_args(args, 'bfloat16', False), device, w)
+               for name, w in wirings.items()}
+    split: Dict[str, Any] = dict(model=model, amp='bfloat16', compiled=False, wirings={
+        name: sorted({s.wiring for s in timm_ddw.graph_stages(b.model).values()}) for name, b in benches.items()})
+    for mode in sorted(args.modes, key=['infer', 'train'].index):  # inference first, as in run_cell
+        for b in benches.values():
+            for _ in range(args.warmup):
+                b.step(mode)
+        rounds: Dict[str, List[float]] = {name: [] for name in benches}
+        for r in range(args.rounds):
+            for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
+                rounds[name].append(throughput(benches[name], mode, 'ddw', args.steps, 0))
+        names = list(benches)
+        split[mode] = dict(img_s={n: statistics.median(v) for n, v in rounds.items()}, ratios={
+            f'{b}/{a}': statistics.median(x / y for x, y in zip(rounds[b], rounds[a], strict=True))
+            for a, b in zip(names, names[1:])})
+    return split
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--smoke', action='store_true', help='CPU, tiny sizes, one round: checks every code path')
@@ -174,6 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if time.perf_counter() - start <= args.budget_s + 60:
         results['blocked_sums'] = blocked_sums_on_device(args, device)
         print('blocked sums:', json.dumps(results['blocked_sums']), flush=True)
+    if time.perf_counter() - start <= args.budget_s + 90:
+        results['gap_split'] = gap_split_on_device(args, device)
+        print('gap split:', json.dumps(results['gap_split']), flush=True)
     results['seconds'] = time.perf_counter() - start
     results['all_finite'] = all(all(cell[m]['finite'].values()) for cell in results['cells'] for m in args.modes)
     print('wrote', write_json(Path(args.json), results), f"({results['seconds']:.0f} s)")

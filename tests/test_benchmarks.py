@@ -148,6 +148,11 @@ def test_gpu_check_smoke_runs_every_path_on_cpu(tmp_path):
         assert all(compiled[mode]['first_call_s'][v] > 3 * steady_s[v] for v in ('twin', 'ddw')), compiled[mode]
     blocked = res['blocked_sums']
     assert blocked['blocked_stage'] and blocked['max_abs_difference'] < 0.05 and blocked['speedup'] > 0
+    split = res['gap_split']  # the twin, then DDW without sums, with sums, with routers
+    assert split['wirings'] == {'twin': [], 'chain': ['chain'], 'static': ['static'], 'dynamic': ['dynamic']}
+    for mode in ('train', 'infer'):
+        assert set(split[mode]['ratios']) == {'chain/twin', 'static/chain', 'dynamic/static'}
+        assert all(r > 0 for r in split[mode]['ratios'].values()) and len(split[mode]['img_s']) == 4
 
 
 def test_profile_step_groups_ops_and_sees_the_weighted_sums(tmp_path):
