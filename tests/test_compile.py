@@ -55,14 +55,19 @@ def test_compile_fullgraph_matches_eager(model_and_input, mode):
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_train_py_torchcompile_path(name):
+def test_train_py_torchcompile_path(name, monkeypatch):
     """timm's ``train.py --torchcompile``: ``ClassificationTask.compile(backend, mode)`` before training,
     then ``task(x, y)`` in training and ``task.get_eval_model()`` under no_grad in validation. Every model at
     its full depth, on dynamo's eager backend (graph capture, where a break would show; AOTAutograd is
     tested above, inductor by benchmarks/compiled.py for all nine): no graph break, and loss, router
-    gradients and eval logits as in eager."""
+    gradients and eval logits as in eager. Stages of more than 2 * sum_block_size blocks (ResNet-101's
+    third) are traced through the folded sums in the eval graph, and only there."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=3)
+    folded, real = [], timm_ddw.GraphStage._forward_folded
+    monkeypatch.setattr(timm_ddw.GraphStage, '_forward_folded',
+                        lambda self, x: folded.append(self.training) or real(self, x))
+    long_stages = sum(2 * s.sum_block_size < s.num_blocks for s in timm_ddw.graph_stages(model).values())
     # 64 px, batch 4: at 32 px / batch 2, random-init MobileNetV2's BatchNorm over 1 x 1 maps drives
     # gradients to 1e5, where float32 summation order alone moves them by 1e-3
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -88,6 +93,7 @@ def test_train_py_torchcompile_path(name):
         if backend:
             assert not counters['graph_break'], dict(counters['graph_break'])
             assert counters['stats']['unique_graphs'] == 2  # one training graph, one eval graph
+            assert folded == [False] * long_stages
     (loss_c, grads_c, logits_c), (loss_e, grads_e, logits_e) = runs['eager'], runs[None]
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
     assert grads_c.keys() == grads_e.keys() and len(grads_c) == 2 * len(timm_ddw.graph_stages(model))

@@ -466,6 +466,63 @@ def test_blocked_sums_match_per_node_sums(channels_last):
             assert all(seen), 'blocked sums hand blocks inputs in their layout'
 
 
+def _as_if_compiling(monkeypatch, stage):
+    """Take the compiled paths without a compiler, and count the folded forwards."""
+    calls = []
+    real = GraphStage._forward_folded
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    monkeypatch.setattr(GraphStage, '_forward_folded', lambda self, x: calls.append(1) or real(self, x))
+    return calls
+
+
+@pytest.mark.parametrize('aggregation', ['bounded', 'sum'])
+def test_folded_sums_equal_the_independent_graph_computation(monkeypatch, aggregation):
+    """The compiled fold (partial sums of k sources into every later node) gives Eq. 3's inputs, with
+    closed edges and removed nodes, for every node and the output node."""
+    stage = make_stage(n=7, router_bias=0.5, threshold_init=0.4, aggregation=aggregation).double().eval()
+    stage.sum_block_size = 2  # 2k < 7 blocks: folds after nodes 1, 3 and 5
+    calls = _as_if_compiling(monkeypatch, stage)
+    inputs = []
+    for b in stage.children():
+        b.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs, y = node_outputs(stage, x)
+    assert calls == [1]
+    adj = reference_adjacency(stage, outs)
+    assert (adj.tril(-1) == 0).any() and (adj.tril(-1) > 0).any()  # some edges closed, some open
+    assert (adj[:, 1:].sum(2) > 1).any()  # the bound acts
+    for j in range(1, 7):
+        assert torch.allclose(inputs[j], reference_input(adj, outs, j, aggregation), rtol=0, atol=1e-12), j
+    assert torch.allclose(y, reference_input(adj, outs, 7, aggregation), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_folded_sums_match_per_node_sums_at_resnet101_depth(monkeypatch, dtype):
+    """ResNet-101's 23-block stage in three dtypes: the fold agrees with the per-node sums (which
+    run with autograd on or ``sum_block_size = 0``) to the dtype's rounding, in eval and train mode."""
+    stage = make_stage(n=23, router_bias=0.0, threshold_init=0.5).to(dtype)
+    calls = _as_if_compiling(monkeypatch, stage)
+    x = torch.randn(2, 3, 16, 16).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for train in (False, True):
+        stage.train(train)
+        with torch.no_grad():
+            stage.sum_block_size = 6
+            folded = stage(x)
+            assert len(calls) == 1
+            stage.sum_block_size = 0
+            per_node = stage(x)
+        stage.sum_block_size = 6
+        with_grad = stage(x)  # autograd on: per-node sums whatever the block size
+        assert len(calls) == 1
+        scale = per_node.abs().max().float()
+        assert torch.isfinite(folded).all() and scale > 0
+        for ref in (per_node, with_grad.detach()):
+            assert (folded.float() - ref.float()).abs().max() <= tol * scale
+        calls.clear()
+
+
 def test_skip_closed_in_a_long_stage_skips_removed_nodes():
     stage = make_stage(n=7, router_bias=0.0, threshold_init=0.5).eval()
     stage.sum_block_size = 2

@@ -58,7 +58,8 @@ def stage_seed(wiring_seed: int, stage_index: int) -> int:
 
 
 WIRINGS: Dict[str, Wiring] = {}
-# devices on which forwards without autograd use the blocked sums (timm_ddw.blocked); measured on CPU
+# devices on which forwards without autograd use the blocked sums (timm_ddw.blocked, eager) or fold
+# them (GraphStage._forward_folded, compiled); measured on CPU
 BLOCKED_SUM_DEVICES = {'cpu'}
 
 
@@ -218,7 +219,8 @@ class GraphStage(nn.Module):
         self.use_buffer = True
         self.recompute_inputs = True
         # forwards without autograd fold node outputs into later inputs in blocks of this many
-        # nodes (timm_ddw.blocked) when the stage has more than twice as many blocks; 0: never
+        # nodes (eager: timm_ddw.blocked, compiled: _forward_folded) when the stage has more than
+        # twice as many blocks; 0: never
         self.sum_block_size = 6
         # the live path runs a node on the whole batch (no gather/scatter) when at least this share is live
         self.dense_above = 0.9
@@ -359,6 +361,62 @@ class GraphStage(nn.Module):
         every node through the same code: one kernel per kind of node instead of one per node."""
         return routed and self.edges == 'router' and self.complete and not self._captures \
             and not self.grad_checkpointing and fused.use_for(x)
+
+    @torch.jit.unused
+    def _use_folded(self, routed: bool, x: torch.Tensor) -> bool:
+        """The compiled counterpart of the blocked sums: in-place GEMMs into one buffer compile to
+        copies of the buffer (2.7x slower), the same folding in pure functions compiles to one kernel
+        per block; with autograd its backward costs more than it saves (benchmarks/README.md)."""
+        return routed and self.complete and 0 < 2 * self.sum_block_size < self.num_blocks \
+            and not self._captures and torch.compiler.is_compiling() and not torch.is_grad_enabled() \
+            and x.device.type in BLOCKED_SUM_DEVICES
+
+    @torch.jit.unused
+    def _folded_input(self, feats: List[torch.Tensor], folded: List[torch.Tensor], w: torch.Tensor,
+                      lo: int) -> torch.Tensor:
+        """Node j's input (``j = w.shape[1]``): its folded partial sums plus the terms of sources lo..j-1,
+        scaled as ``bound_weights`` would have scaled the weights."""
+        shape = [w.shape[0]] + [1] * (feats[0].dim() - 1)
+        terms = folded + [feats[i] * w[:, i].reshape(shape).to(feats[i].dtype) for i in range(lo, w.shape[1])]
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        if self.bounded:
+            out = out * (1.0 / w.sum(1).clamp(min=1.0)).reshape(shape).to(out.dtype)
+        return out
+
+    @torch.jit.unused
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Complete graph, no autograd, compiled: whenever k = ``sum_block_size`` node outputs are in,
+        their terms go into every later node's input at once, which inductor fuses into one kernel that
+        reads the k maps once and writes one partial sum per later node; a node then reads its partial
+        sums and the outputs since the last fold instead of every earlier output (ResNet-101's 23-block
+        stage: about 160 maps read and written against about 300)."""
+        n, k = self.num_blocks, self.sum_block_size
+        feats: List[torch.Tensor] = []
+        weights: List[torch.Tensor] = []
+        folded: List[List[torch.Tensor]] = [[] for _ in range(n + 1)]  # partial sums per target node
+        lo = 0  # first source not yet folded
+        live: Optional[torch.Tensor] = None
+        for j, block in enumerate(self.children()):
+            inp = x
+            if j > 0:
+                w = self._in_edges(weights, j)
+                live = self._live(w, j)
+                inp = self._folded_input(feats, folded[j], w, lo)
+            out = block(inp)
+            feats.append(out)
+            weights.append(self._edge_weights(global_pool(out), j, live))
+            if j - lo + 1 == k and j + 1 < n:
+                shape = [out.shape[0]] + [1] * (out.dim() - 1)
+                for t in range(j + 1, n + 1):  # weights[i][:, t - i - 1] is a_it
+                    terms = [feats[i] * weights[i][:, t - i - 1].reshape(shape).to(out.dtype) for i in range(lo, j + 1)]
+                    p = terms[0]
+                    for term in terms[1:]:
+                        p = p + term
+                    folded[t].append(p)
+                lo = j + 1
+        return self._folded_input(feats, folded[n], self._in_edges(weights, n), lo)
 
     @torch.jit.unused
     def _router_table(self) -> torch.Tensor:
@@ -580,6 +638,8 @@ class GraphStage(nn.Module):
             return self._forward_blocked(x)
         if not torch.jit.is_scripting() and self._use_compiled(routed, x):
             return self._forward_compiled(x)
+        if not torch.jit.is_scripting() and self._use_folded(routed, x):
+            return self._forward_folded(x)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         feats: List[torch.Tensor] = []  # node outputs (with the buffer: their aliases, the buffer's sources)
         weights: List[torch.Tensor] = []
