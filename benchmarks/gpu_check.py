@@ -58,6 +58,15 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.float()).all())
 
 
+def interleaved_rounds(args: argparse.Namespace, benches: Dict[str, Bench], mode: str) -> Dict[str, List[float]]:
+    """img/s of every model per round, the order reversed every other round."""
+    rounds: Dict[str, List[float]] = {name: [] for name in benches}
+    for r in range(args.rounds):
+        for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
+            rounds[name].append(throughput(benches[name], mode, 'ddw', args.steps, 0))
+    return rounds
+
+
 def run_cell(args: argparse.Namespace, device: torch.device, model: str, amp: str, compiled: bool) -> Dict[str, Any]:
     """Twin and DDW side by side: finiteness, interleaved throughput rounds, peak memory."""
     t0 = time.perf_counter()
@@ -76,10 +85,7 @@ def run_cell(args: argparse.Namespace, device: torch.device, model: str, amp: st
             _sync(device)
             first_s[name] = time.perf_counter() - t
             finite[name] = first and all(_finite(b.step(mode)) for _ in range(args.warmup - 1))
-        rounds: Dict[str, List[float]] = {name: [] for name in benches}
-        for r in range(args.rounds):
-            for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
-                rounds[name].append(throughput(benches[name], mode, 'ddw', args.steps, 0))
+        rounds = interleaved_rounds(args, benches, mode)
         ratios = [d / t for d, t in zip(rounds['ddw'], rounds['twin'], strict=True)]
         peak = {name: cuda_peak_mib(b, mode, 'ddw') if device.type == 'cuda' else None for name, b in benches.items()}
         cell[mode] = dict(
@@ -127,10 +133,7 @@ def gap_split_on_device(args: argparse.Namespace, device: torch.device, model: s
         for b in benches.values():
             for _ in range(args.warmup):
                 b.step(mode)
-        rounds: Dict[str, List[float]] = {name: [] for name in benches}
-        for r in range(args.rounds):
-            for name in (list(benches) if r % 2 == 0 else list(benches)[::-1]):
-                rounds[name].append(throughput(benches[name], mode, 'ddw', args.steps, 0))
+        rounds = interleaved_rounds(args, benches, mode)
         names = list(benches)
         split[mode] = dict(img_s={n: statistics.median(v) for n, v in rounds.items()}, ratios={
             f'{b}/{a}': statistics.median(x / y for x, y in zip(rounds[b], rounds[a], strict=True))

@@ -466,7 +466,7 @@ def test_blocked_sums_match_per_node_sums(channels_last):
             assert all(seen), 'blocked sums hand blocks inputs in their layout'
 
 
-def _as_if_compiling(monkeypatch, stage):
+def _as_if_compiling(monkeypatch):
     """Take the compiled paths without a compiler, and count the folded forwards."""
     calls = []
     real = GraphStage._forward_folded
@@ -481,7 +481,7 @@ def test_folded_sums_equal_the_independent_graph_computation(monkeypatch, aggreg
     closed edges and removed nodes, for every node and the output node."""
     stage = make_stage(n=7, router_bias=0.5, threshold_init=0.4, aggregation=aggregation).double().eval()
     stage.sum_block_size = 2  # 2k < 7 blocks: folds after nodes 1, 3 and 5
-    calls = _as_if_compiling(monkeypatch, stage)
+    calls = _as_if_compiling(monkeypatch)
     inputs = []
     for b in stage.children():
         b.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
@@ -502,7 +502,7 @@ def test_folded_sums_match_per_node_sums_at_resnet101_depth(monkeypatch, dtype):
     """ResNet-101's 23-block stage in three dtypes: the fold agrees with the per-node sums (which
     run with autograd on or ``sum_block_size = 0``) to the dtype's rounding, in eval and train mode."""
     stage = make_stage(n=23, router_bias=0.0, threshold_init=0.5).to(dtype)
-    calls = _as_if_compiling(monkeypatch, stage)
+    calls = _as_if_compiling(monkeypatch)
     x = torch.randn(2, 3, 16, 16).to(dtype)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for train in (False, True):

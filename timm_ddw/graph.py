@@ -347,13 +347,18 @@ class GraphStage(nn.Module):
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
     @torch.jit.unused
+    def _folds_sums(self, routed: bool, x: torch.Tensor) -> bool:
+        """Forwards without autograd fold the sums in blocks of ``sum_block_size`` nodes; in stages of
+        up to 2k blocks at most one block would fold anything, and the folding costs more. Only on
+        ``BLOCKED_SUM_DEVICES`` (CPU): benchmarks/gpu_check.py times the eager fold on a GPU."""
+        return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not torch.is_grad_enabled() \
+            and x.device.type in BLOCKED_SUM_DEVICES
+
+    @torch.jit.unused
     def _use_blocked(self, routed: bool, x: torch.Tensor) -> bool:
-        """Blocked sums need the complete graph, eager execution and no autograd; in stages of up to
-        2k blocks at most one GEMM would fold anything, and the copies into the buffer cost more.
-        Only on ``BLOCKED_SUM_DEVICES`` (CPU): benchmarks/gpu_check.py times them on a GPU."""
-        return routed and 0 < 2 * self.sum_block_size < self.num_blocks and not isinstance(x, torch.fx.Proxy) \
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and not torch.is_grad_enabled() and x.device.type in BLOCKED_SUM_DEVICES
+        """The eager fold: batched GEMMs into one buffer (blocked.py)."""
+        return not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() \
+            and not torch.jit.is_tracing() and self._folds_sums(routed, x)
 
     @torch.jit.unused
     def _use_compiled(self, routed: bool, x: torch.Tensor) -> bool:
@@ -367,21 +372,17 @@ class GraphStage(nn.Module):
         """The compiled counterpart of the blocked sums: in-place GEMMs into one buffer compile to
         copies of the buffer (2.7x slower), the same folding in pure functions compiles to one kernel
         per block; with autograd its backward costs more than it saves (benchmarks/README.md)."""
-        return routed and self.complete and 0 < 2 * self.sum_block_size < self.num_blocks \
-            and not self._captures and torch.compiler.is_compiling() and not torch.is_grad_enabled() \
-            and x.device.type in BLOCKED_SUM_DEVICES
+        return torch.compiler.is_compiling() and self.complete and not self._captures \
+            and self._folds_sums(routed, x)
 
     @torch.jit.unused
     def _folded_input(self, feats: List[torch.Tensor], folded: List[torch.Tensor], w: torch.Tensor,
                       lo: int) -> torch.Tensor:
-        """Node j's input (``j = w.shape[1]``): its folded partial sums plus the terms of sources lo..j-1,
-        scaled as ``bound_weights`` would have scaled the weights."""
-        shape = [w.shape[0]] + [1] * (feats[0].dim() - 1)
-        terms = folded + [feats[i] * w[:, i].reshape(shape).to(feats[i].dtype) for i in range(lo, w.shape[1])]
-        out = sum(terms[1:], terms[0])
-        if self.bounded:
-            out = out * (1.0 / w.sum(1).clamp(min=1.0)).reshape(shape).to(out.dtype)
-        return out
+        """Node j's input (``j = w.shape[1]``): its folded partial sums (summed with the unbounded
+        a_ij, so they take the bound's factor) and the terms of sources lo..j-1, in one weighted sum."""
+        coeffs = torch.cat([w.new_ones(w.shape[0], len(folded)), w[:, lo:]], 1)
+        scale = self._bound_scale(w)
+        return weighted_sum(folded + feats[lo:], coeffs if scale is None else coeffs * scale[:, None])
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,6 +407,8 @@ class GraphStage(nn.Module):
             feats.append(out)
             weights.append(self._edge_weights(global_pool(out), j, live))
             if j - lo + 1 == k and j + 1 < n:
+                # out of place, not weighted_sum's in-place chain: only then does inductor fuse the sums of
+                # every t into one kernel (R101 inference 1.069 against 1.003 of the per-node sums)
                 shape = [out.shape[0]] + [1] * (out.dim() - 1)
                 for t in range(j + 1, n + 1):  # weights[i][:, t - i - 1] is a_it
                     terms = [feats[i] * weights[i][:, t - i - 1].reshape(shape).to(out.dtype) for i in range(lo, j + 1)]
