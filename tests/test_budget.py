@@ -111,13 +111,16 @@ def train_steps(model, steps, scaler=None, seed=0, lr=0.05, amp=None):
 def test_budget_strength_is_the_same_with_a_grad_scaler(amp):
     """The controller uses no gradient, so a GradScaler's loss scale cannot weaken or strengthen it:
     the same update after unscaling, thresholds included (in float32 exactly, as the scale is a power
-    of 2; under float16 autocast the thresholds exactly and the weights up to float16 rounding)."""
+    of 2; under float16 autocast the thresholds exactly and the weights up to float16 rounding, over
+    2 steps: from the third on, that rounding can flip a node's removal and so the controller's next
+    step, which on an AVX512 CPU it did)."""
+    steps = 4 if amp is None else 2
     ref = narrow(node_budget=0.5, router_bias=0.0, threshold_init=0.45)
     for stage in timm_ddw.graph_stages(ref).values():
         stage.budget_rate = 0.05
     scaled = copy.deepcopy(ref)
-    train_steps(ref, 4, amp=amp)
-    train_steps(scaled, 4, amp=amp, scaler=torch.amp.GradScaler('cpu', init_scale=2.0 ** 12, growth_interval=1000))
+    train_steps(ref, steps, amp=amp)
+    train_steps(scaled, steps, amp=amp, scaler=torch.amp.GradScaler('cpu', init_scale=2.0 ** 12, growth_interval=1000))
     shifts = [s.budget_shift for s in timm_ddw.graph_stages(ref).values()]
     assert max(float(s.abs().max()) for s in shifts) > 0.01, 'the thresholds moved'
     tol = dict(rtol=1e-5, atol=1e-6) if amp is None else dict(rtol=2e-2, atol=2e-3)
